@@ -1,0 +1,26 @@
+"""SQLAlchemy models. Importing this package registers every table on `Base.metadata`."""
+
+from app.models.audit import AuditEvent
+from app.models.base import Base, utcnow
+from app.models.projects import ComparisonPair, Project, Prompt, Response
+from app.models.rating import Assignment, Judgment
+from app.models.training import DatasetSnapshot, ModelVersion, Run, RunMetric
+from app.models.users import ApiToken, User
+
+__all__ = [
+    "ApiToken",
+    "Assignment",
+    "AuditEvent",
+    "Base",
+    "ComparisonPair",
+    "DatasetSnapshot",
+    "Judgment",
+    "ModelVersion",
+    "Project",
+    "Prompt",
+    "Response",
+    "Run",
+    "RunMetric",
+    "User",
+    "utcnow",
+]

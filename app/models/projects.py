@@ -1,0 +1,103 @@
+"""What gets judged: projects, their prompts, responses and the comparison pairs built on them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.models.base import Base, JSONType, utcnow
+
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    # Stored as given; services.projects.ProjectSettings fills the defaults on read.
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (
+        UniqueConstraint("project_id", "external_id"),
+        CheckConstraint("text IS NOT NULL OR messages IS NOT NULL", name="text_or_messages"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    text: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSONType)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    source: Mapped[str] = mapped_column(String(64), default="api")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    responses: Mapped[list[Response]] = relationship(back_populates="prompt")
+
+
+class Response(Base):
+    """One answer to a prompt: written by a model version of ours, or uploaded with a model name."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL"), index=True
+    )
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    generation_params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    truncated: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    prompt: Mapped[Prompt] = relationship(back_populates="responses")
+
+
+class ComparisonPair(Base):
+    """Two responses to one prompt, to be judged by `required_judgments` different raters."""
+
+    __tablename__ = "comparison_pairs"
+    __table_args__ = (
+        UniqueConstraint("response_a_id", "response_b_id"),
+        CheckConstraint("response_a_id <> response_b_id", name="distinct_responses"),
+        CheckConstraint("required_judgments >= 1", name="required_positive"),
+        CheckConstraint("judgment_count >= 0", name="count_nonnegative"),
+        CheckConstraint(
+            "gold_choice IS NULL OR gold_choice IN ('a', 'b', 'tie', 'both_bad')", name="gold"
+        ),
+        CheckConstraint("kind IN ('standard', 'version_eval')", name="kind"),
+        # The queue scan: open pairs of a project, fewest judgments first.
+        Index("ix_comparison_pairs_queue", "project_id", "judgment_count", "priority"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    response_a_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
+    response_b_id: Mapped[int] = mapped_column(
+        ForeignKey("responses.id", ondelete="CASCADE"), index=True
+    )
+    required_judgments: Mapped[int] = mapped_column(default=3)
+    # Kept in step with the judgments table inside the submit transaction.
+    judgment_count: Mapped[int] = mapped_column(default=0)
+    gold_choice: Mapped[str | None] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(default=0)
+    kind: Mapped[str] = mapped_column(String(16), default="standard")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    prompt: Mapped[Prompt] = relationship()
+    response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])
+    response_b: Mapped[Response] = relationship(foreign_keys=[response_b_id])

@@ -1,0 +1,89 @@
+"""Rater work: leases on pairs (assignments) and the judgments they produce."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.models.base import Base, JSONType, utcnow
+from app.models.projects import ComparisonPair
+
+ASSIGNMENT_STATUSES = ("leased", "submitted", "skipped", "expired")
+
+
+class Assignment(Base):
+    """A rater's lease on a pair. One row per (pair, rater): a rater never gets a pair twice."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "rater_id"),
+        CheckConstraint(
+            "status IN ('leased', 'submitted', 'skipped', 'expired')", name="status"
+        ),
+        CheckConstraint("shown_left IN ('a', 'b')", name="shown_left"),
+        Index("ix_assignments_live", "status", "expires_at"),
+        Index("ix_assignments_rater", "rater_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    pair_id: Mapped[int] = mapped_column(
+        ForeignKey("comparison_pairs.id", ondelete="CASCADE"), index=True
+    )
+    rater_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="leased")
+    shown_left: Mapped[str] = mapped_column(String(1))
+    leased_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+
+    pair: Mapped[ComparisonPair] = relationship()
+
+
+class Judgment(Base):
+    """A rater's verdict on a pair; `a`/`b` always name the pair's responses, not screen sides."""
+
+    __tablename__ = "judgments"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "rater_id"),
+        CheckConstraint("choice IN ('a', 'b', 'tie', 'both_bad')", name="choice"),
+        CheckConstraint(
+            "(choice IN ('a', 'b') AND strength IN (1, 2))"
+            " OR (choice IN ('tie', 'both_bad') AND strength IS NULL)",
+            name="strength",
+        ),
+        CheckConstraint("shown_left IS NULL OR shown_left IN ('a', 'b')", name="shown_left"),
+        CheckConstraint("rater_id IS NOT NULL OR source <> 'rater'", name="rater_source"),
+        Index("ix_judgments_project_created", "project_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    pair_id: Mapped[int] = mapped_column(
+        ForeignKey("comparison_pairs.id", ondelete="CASCADE"), index=True
+    )
+    # Null for imported judgments, which carry their `source` instead.
+    rater_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    assignment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("assignments.id", ondelete="SET NULL"), unique=True
+    )
+    choice: Mapped[str] = mapped_column(String(16))
+    strength: Mapped[int | None]
+    aspects: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    flags: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    shown_left: Mapped[str | None] = mapped_column(String(1))
+    time_on_task_ms: Mapped[int | None]
+    active_ms: Mapped[int | None]
+    gold_correct: Mapped[bool | None]
+    source: Mapped[str] = mapped_column(String(64), default="rater")
+    extra: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    pair: Mapped[ComparisonPair] = relationship()
