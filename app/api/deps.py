@@ -1,0 +1,118 @@
+"""Typed dependencies shared by the API and web routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.security import same_token
+from app.models import Project, User
+from app.services import policies, projects, users
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+UNAUTHORIZED = HTTPException(
+    status.HTTP_401_UNAUTHORIZED,
+    detail="authentication required: send 'Authorization: Bearer <token>' or log in",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _session_user(request: Request, session: Session) -> User | None:
+    user_id = request.session.get("user_id")
+    if not isinstance(user_id, int):
+        return None
+    user = session.get(User, user_id)
+    if user is None or not user.is_active:
+        request.session.clear()
+        return None
+    return user
+
+
+def check_csrf(request: Request, submitted: str | None) -> None:
+    """Reject a state-changing cookie-authenticated request without the session's CSRF token."""
+    if request.method in SAFE_METHODS:
+        return
+    if not same_token(submitted, request.session.get("csrf")):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="missing or invalid CSRF token")
+
+
+def get_current_user(request: Request, session: SessionDep) -> User:
+    """The caller: a bearer token's user, or the logged-in browser user (with CSRF on writes)."""
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise UNAUTHORIZED
+        user = users.user_for_token(session, secret.strip())
+        if user is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="invalid or revoked token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return user
+    user = _session_user(request, session)
+    if user is None:
+        raise UNAUTHORIZED
+    check_csrf(request, request.headers.get("x-csrf-token"))
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def require(policy: Callable[[User], bool], what: str) -> Callable[[User], User]:
+    """A dependency that lets the request through only if `policy(user)` holds."""
+
+    def dependency(user: CurrentUser) -> User:
+        if not policy(user):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, detail=f"your role ({user.role}) cannot {what}"
+            )
+        return user
+
+    return dependency
+
+
+AdminUser = Annotated[User, Depends(require(policies.is_admin, "do this (admin only)"))]
+DataReader = Annotated[
+    User, Depends(require(policies.can_read_data, "read project data (admin or reviewer)"))
+]
+
+
+def get_project_dep(slug: str, session: SessionDep, user: CurrentUser) -> Project:
+    if not policies.can_view_project(user):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="inactive user")
+    return projects.get_project(session, slug)
+
+
+ProjectDep = Annotated[Project, Depends(get_project_dep)]
+
+
+def get_web_user(request: Request, session: SessionDep) -> User | None:
+    return _session_user(request, session)
+
+
+WebUser = Annotated[User | None, Depends(get_web_user)]

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import AdminUser, CurrentUser, ProjectDep, SessionDep
+from app.models import Project
+from app.services import projects
+
+router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
+
+
+class ProjectCreate(BaseModel):
+    slug: str = Field(examples=["helpfulness-v1"])
+    name: str
+    guidelines: str = ""
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProjectUpdate(BaseModel):
+    name: str | None = None
+    guidelines: str | None = None
+    settings: dict[str, Any] | None = Field(None, description="merged over current settings")
+
+
+class ProjectOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    slug: str
+    name: str
+    guidelines: str
+    settings: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, project: Project) -> ProjectOut:
+        out = cls.model_validate(project)
+        out.settings = projects.project_settings(project).model_dump()
+        return out
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_project(body: ProjectCreate, session: SessionDep, user: AdminUser) -> ProjectOut:
+    project = projects.create_project(
+        session,
+        body.slug,
+        body.name,
+        guidelines=body.guidelines,
+        settings=body.settings,
+        actor_id=user.id,
+    )
+    return ProjectOut.of(project)
+
+
+@router.get("")
+def list_projects(session: SessionDep, user: CurrentUser) -> list[ProjectOut]:
+    return [ProjectOut.of(p) for p in projects.list_projects(session)]
+
+
+@router.get("/{slug}")
+def get_project(project: ProjectDep) -> ProjectOut:
+    return ProjectOut.of(project)
+
+
+@router.patch("/{slug}")
+def update_project(
+    body: ProjectUpdate, project: ProjectDep, session: SessionDep, user: AdminUser
+) -> ProjectOut:
+    projects.update_project(
+        session,
+        project,
+        name=body.name,
+        guidelines=body.guidelines,
+        settings=body.settings,
+        actor_id=user.id,
+    )
+    return ProjectOut.of(project)

@@ -1,0 +1,197 @@
+"""The `verdict` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from alembic import command
+from alembic.config import Config
+from rich.console import Console
+
+from app.core.config import ROOT_DIR, Settings, get_settings
+from app.core.db import session_scope
+from app.services import projects, prompts, users
+from app.services.errors import InvalidInput, ServiceError
+
+app = typer.Typer(help="Verdict: a self-hosted RLHF workbench.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+user_app = typer.Typer(help="Users.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+project_app = typer.Typer(help="Projects.", no_args_is_help=True)
+prompts_app = typer.Typer(help="Prompts.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+app.add_typer(project_app, name="project")
+app.add_typer(prompts_app, name="prompts")
+
+err = Console(stderr=True)
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config(str(ROOT_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT_DIR / "migrations"))
+    cfg.attributes["url"] = database_url
+    return cfg
+
+
+def upgrade_database(settings: Settings) -> None:
+    command.upgrade(alembic_config(settings.database_url), "head")
+
+
+def fail(exc: ServiceError) -> None:
+    err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+    if isinstance(exc, InvalidInput):
+        for e in exc.errors:
+            where = ", ".join(
+                part for part in (f"line {e.line}" if e.line else "", e.field or "") if part
+            )
+            err.print(f"  {where or '-'}: {e.message}", highlight=False, markup=False)
+    raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations to the configured database."""
+    upgrade_database(get_settings())
+    typer.echo("database is at the latest revision")
+
+
+@user_app.command("create")
+def user_create(
+    email: Annotated[str, typer.Option(help="login email")],
+    password: Annotated[str, typer.Option(help="at least 8 characters")],
+    role: Annotated[str, typer.Option(help="admin, reviewer or rater")] = "rater",
+) -> None:
+    """Create a user."""
+    with session_scope() as session:
+        try:
+            user = users.create_user(session, email, password, role)
+        except ServiceError as exc:
+            fail(exc)
+        typer.echo(f"created {user.role} {user.email} (id {user.id})")
+
+
+@user_app.command("password")
+def user_password(
+    email: Annotated[str, typer.Option()],
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+) -> None:
+    """Set a user's password."""
+    with session_scope() as session:
+        user = users.get_user_by_email(session, email)
+        if user is None:
+            err.print(f"[red]error:[/red] no user with email {email}")
+            raise typer.Exit(1)
+        try:
+            users.set_password(session, user, password)
+        except ServiceError as exc:
+            fail(exc)
+        typer.echo(f"password changed for {user.email}")
+
+
+@token_app.command("create")
+def token_create(
+    email: Annotated[str, typer.Option(help="the token's owner")],
+    name: Annotated[str, typer.Option(help="what the token is for")],
+) -> None:
+    """Create an API token; the token alone is the last line of output."""
+    with session_scope() as session:
+        user = users.get_user_by_email(session, email)
+        if user is None:
+            err.print(f"[red]error:[/red] no user with email {email}")
+            raise typer.Exit(1)
+        try:
+            issued = users.create_token(session, user, name)
+        except ServiceError as exc:
+            fail(exc)
+        typer.echo(f"token {issued.token.prefix}… for {user.email}; it is shown only now:")
+        typer.echo(issued.secret)
+
+
+@project_app.command("create")
+def project_create(
+    slug: Annotated[str, typer.Option()],
+    name: Annotated[str, typer.Option()],
+    guidelines: Annotated[Path | None, typer.Option(help="a markdown file")] = None,
+) -> None:
+    """Create a project."""
+    with session_scope() as session:
+        try:
+            project = projects.create_project(
+                session, slug, name, guidelines=guidelines.read_text() if guidelines else ""
+            )
+        except ServiceError as exc:
+            fail(exc)
+        typer.echo(f"created project {project.slug} (id {project.id})")
+
+
+@prompts_app.command("import")
+def prompts_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV")],
+    project: Annotated[str, typer.Option(help="project slug")],
+) -> None:
+    """Import prompts from a file, with the same validation and report as the API."""
+    settings = get_settings()
+    size = file.stat().st_size
+    if size > settings.max_upload_bytes:
+        err.print(
+            f"[red]error:[/red] {file} is {size} bytes; the limit is {settings.max_upload_bytes}"
+            " (VERDICT_MAX_UPLOAD_BYTES)"
+        )
+        raise typer.Exit(1)
+    from rich.progress import Progress
+
+    with session_scope() as session, Progress(console=err, transient=True) as bar:
+        task = bar.add_task("validating", total=None)
+        try:
+            target = projects.get_project(session, project)
+            records = prompts.parse_upload(
+                file.read_bytes(),
+                file.name,
+                None,
+                settings.max_upload_records,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+            bar.update(task, description="storing")
+            result = prompts.store_prompts(session, target, records, source="cli")
+        except ServiceError as exc:
+            bar.stop()
+            fail(exc)
+    typer.echo(
+        f"created {result.created}, duplicates {result.duplicates}, errors 0,"
+        f" responses {result.responses_created}, pairs {result.pairs_created}"
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the web app and API."""
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Run the whole product on the embedded default (SQLite under var/)."""
+    from app.demo import run_demo
+
+    run_demo(host=host, port=port)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,147 @@
+"""Projects and their settings."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import Project
+from app.services import audit
+from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}[a-z0-9]$|^[a-z0-9]$")
+
+
+class ProjectSettings(BaseModel):
+    """A project's settings. Stored as JSON; missing keys take these defaults on read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overlap: int = Field(3, ge=1, le=50, description="raters needed per comparison pair")
+    lease_ttl_s: int = Field(600, ge=30, le=86_400, description="how long a rater holds a pair")
+    aspects: list[str] = Field(
+        default_factory=lambda: ["helpfulness", "harmlessness", "honesty"],
+        description="optional per-aspect judgments shown to raters",
+    )
+    require_rationale: bool = Field(False, description="raters must explain each judgment")
+    gold_rate: float = Field(0.1, ge=0.0, le=1.0, description="share of gold pairs served")
+    responses_per_prompt: int = Field(2, ge=2, le=8, description="K responses generated")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    auto_generate: bool = Field(True, description="queue a generation run after an upload")
+    version_eval_rate: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of new-vs-previous policy pairs when generating"
+    )
+    base_policy: str | None = Field(None, description="policy model spec; None = server default")
+    reward_retrain_threshold: int = Field(
+        200, ge=1, description="new usable judgments that trigger a reward-model run"
+    )
+    auto_mode: bool = Field(False, description="reward run -> PPO -> evaluate -> promote")
+    min_reward_accuracy: float = Field(0.6, ge=0.0, le=1.0)
+    promote_min_score_gain: float = Field(0.0)
+    promote_max_kl: float = Field(10.0, ge=0.0)
+
+
+def project_settings(project: Project) -> ProjectSettings:
+    return ProjectSettings.model_validate(project.settings or {})
+
+
+def _validated_settings(data: dict[str, Any]) -> ProjectSettings:
+    try:
+        return ProjectSettings.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            FieldError(None, "settings." + ".".join(str(p) for p in e["loc"]), e["msg"])
+            for e in exc.errors()
+        ]
+        raise InvalidInput("invalid project settings", errors) from exc
+
+
+def create_project(
+    session: Session,
+    slug: str,
+    name: str,
+    *,
+    guidelines: str = "",
+    settings: dict[str, Any] | None = None,
+    actor_id: int | None = None,
+) -> Project:
+    """Create a project; its settings are validated and stored with defaults filled in."""
+    if not SLUG_RE.match(slug):
+        raise InvalidInput(
+            f"slug {slug!r} must be 1-64 lowercase letters, digits or dashes,"
+            " not starting or ending with a dash"
+        )
+    if not name.strip():
+        raise InvalidInput("a project needs a name")
+    validated = _validated_settings(settings or {})
+    project = Project(
+        slug=slug,
+        name=name.strip(),
+        guidelines=guidelines,
+        settings=validated.model_dump(),
+        created_by_id=actor_id,
+    )
+    session.add(project)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(f"a project with slug {slug!r} already exists") from exc
+    audit.record(
+        session,
+        "project.create",
+        actor_id=actor_id,
+        project_id=project.id,
+        target=("project", project.id),
+    )
+    session.commit()
+    return project
+
+
+def get_project(session: Session, slug: str) -> Project:
+    project = session.scalar(select(Project).where(Project.slug == slug))
+    if project is None:
+        raise NotFound(f"project {slug!r} not found")
+    return project
+
+
+def list_projects(session: Session) -> list[Project]:
+    return list(session.scalars(select(Project).order_by(Project.id)))
+
+
+def update_project(
+    session: Session,
+    project: Project,
+    *,
+    name: str | None = None,
+    guidelines: str | None = None,
+    settings: dict[str, Any] | None = None,
+    actor_id: int | None = None,
+) -> Project:
+    """Change name, guidelines or settings (a partial settings dict is merged over the current)."""
+    if name is not None:
+        if not name.strip():
+            raise InvalidInput("a project needs a name")
+        project.name = name.strip()
+    if guidelines is not None:
+        project.guidelines = guidelines
+    if settings is not None:
+        merged = {**project_settings(project).model_dump(), **settings}
+        project.settings = _validated_settings(merged).model_dump()
+    audit.record(
+        session,
+        "project.update",
+        actor_id=actor_id,
+        project_id=project.id,
+        target=("project", project.id),
+        changed=sorted((settings or {}).keys()),
+    )
+    session.commit()
+    return project
