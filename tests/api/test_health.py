@@ -1,0 +1,16 @@
+from fastapi.testclient import TestClient
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["database"] == "ok"
+
+
+def test_openapi_lists_the_upload_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    upload = spec["paths"]["/api/v1/projects/{slug}/prompts"]["post"]
+    assert set(upload["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
