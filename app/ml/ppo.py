@@ -71,11 +71,14 @@ _RESUMABLE_FIELDS = {"total_steps", "checkpoint_every", "sample_every", "num_sam
 # --------------------------------------------------------------------------------------------
 
 
-def _f(default: Any, help: str) -> Any:
+def config_field(default: Any, help: str) -> Any:
     """A dataclass field with a help string in its metadata (CLI/UI can show it)."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+_f = config_field  # short alias keeps the config table below readable
 
 
 @dataclass
@@ -574,38 +577,43 @@ class RewardModelScorer:
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
         batch_size: int,
-        fallback_chat_template: str | None = None,
         context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        if getattr(tokenizer, "chat_template", None) is None and fallback_chat_template:
-            tokenizer.chat_template = fallback_chat_template
         self.max_length = max_length
         self.batch_size = batch_size
         # With shared LoRA weights, `context` disables the value adapter to reach the pure RM.
         self.context = context
+
+    def conversation_ids(self, messages: Messages, response: str) -> list[int]:
+        """The tokens the reward model scores: the same rendering as app/ml/reward.py trains on
+        (chat template; without one, plain turns joined by blank lines and a final EOS)."""
+        conversation = [*messages, {"role": "assistant", "content": response}]
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        else:
+            text = "\n\n".join(m["content"] for m in conversation)
+            text += self.tokenizer.eos_token or ""
+        return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
     def __call__(
         self, prompts: list[Messages], texts: list[str], device: torch.device
     ) -> torch.Tensor:
         """One float score per response."""
-        rendered = []
-        for messages, text in zip(prompts, texts, strict=True):
-            conversation = [*messages, {"role": "assistant", "content": text}]
-            full = self.tokenizer.apply_chat_template(conversation, tokenize=False)
-            ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
-            rendered.append(list(ids[-self.max_length :]))
+        rendered = [
+            self.conversation_ids(messages, text)[-self.max_length :]
+            for messages, text in zip(prompts, texts, strict=True)
+        ]
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else self.tokenizer.eos_token_id
         scores = []
         for start in range(0, len(rendered), self.batch_size):
             chunk = rendered[start : start + self.batch_size]
-            ids, mask = left_pad(chunk, pad, device)
+            input_ids, mask = left_pad(chunk, pad, device)
             with self.context():
-                values = token_values(self.model, ids, mask)
-            # Left padding puts every last real token at the final column.
+                values = token_values(self.model, input_ids, mask)
             scores.append(values[torch.arange(len(chunk)), last_true_index(mask)])
         return torch.cat(scores)
 
@@ -613,10 +621,11 @@ class RewardModelScorer:
 def load_reward_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A frozen sequence-classification reward model (num_labels=1) in eval mode."""
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
-    return _freeze(model.to(device))
+    return freeze(model.to(device))
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: for the reference and reward models."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -784,7 +793,7 @@ def train_ppo(
         ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = policy.disable_adapter
         shares_reward_weights = reward_path is not None and config.value_model_path is None
     else:
-        ref_model = _freeze(AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=dtype))
+        ref_model = freeze(AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=dtype))
         ref_model.to(device)
         ref_context = contextlib.nullcontext
     # Dropout off everywhere: the rollout and the update must score tokens with one network.
@@ -807,7 +816,6 @@ def train_ppo(
             rm_tokenizer,
             config.reward_max_length,
             config.rollout_forward_batch_size,
-            fallback_chat_template=getattr(tokenizer, "chat_template", None),
             context=rm_context or contextlib.nullcontext,
         )
 
