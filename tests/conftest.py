@@ -66,8 +66,10 @@ _engines: dict[str, sa.Engine] = {}
 
 
 def engine_for(url: str) -> sa.Engine:
+    """The tests' own engine. On SQLite its transactions are deferred, so a test session that
+    has only read never holds the write lock the app under test needs."""
     if url not in _engines:
-        _engines[url] = make_engine(url)
+        _engines[url] = make_engine(url, sqlite_immediate=False)
     return _engines[url]
 
 
@@ -128,7 +130,11 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 
 
 class Factory:
-    """Rows for tests, committed, with readable defaults."""
+    """Rows for tests, committed, with readable defaults.
+
+    Each method first ends the session's current transaction, so rows the app wrote since the
+    last call are visible and a stale SQLite read snapshot never blocks a write.
+    """
 
     _seq = itertools.count(1)
 
@@ -136,22 +142,27 @@ class Factory:
         self.session = session
 
     def user(self, role: str = "rater", email: str | None = None) -> User:
+        self.session.commit()
         email = email or f"{role}{next(self._seq)}@example.com"
         return users.create_user(self.session, email, TEST_PASSWORD, role)
 
     def token(self, user: User, name: str = "test") -> str:
+        self.session.commit()
         return users.create_token(self.session, user, name).secret
 
     def token_row(self, secret: str) -> ApiToken:
         from app.core.security import hash_api_token
 
+        self.session.commit()
         row = self.session.scalar(
             sa.select(ApiToken).where(ApiToken.token_hash == hash_api_token(secret))
         )
         assert row is not None
+        self.session.commit()
         return row
 
     def project(self, slug: str | None = None, **settings: Any) -> Project:
+        self.session.commit()
         slug = slug or f"proj-{next(self._seq)}"
         return projects.create_project(self.session, slug, slug.title(), settings=settings)
 
@@ -162,6 +173,7 @@ class Factory:
         prompt: str = "A question?",
         **fields: Any,
     ) -> ComparisonPair:
+        self.session.commit()
         p = Prompt(project_id=project.id, text=prompt, source="test")
         self.session.add(p)
         self.session.flush()
@@ -178,8 +190,10 @@ class Factory:
         return pair
 
     def count(self, model: type[Base]) -> int:
-        self.session.expire_all()
-        return self.session.scalar(sa.select(sa.func.count()).select_from(model)) or 0
+        self.session.commit()
+        n = self.session.scalar(sa.select(sa.func.count()).select_from(model)) or 0
+        self.session.commit()
+        return n
 
 
 @pytest.fixture

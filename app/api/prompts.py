@@ -4,9 +4,10 @@ import json
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
 from app.services import prompts as prompt_service

@@ -23,8 +23,14 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine with the per-backend settings Verdict relies on."""
+def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs: Any) -> Engine:
+    """Create an engine with the per-backend settings Verdict relies on.
+
+    On SQLite every transaction of the app starts with BEGIN IMMEDIATE (see below), so a
+    session must never sit in an open transaction while waiting on something else: that
+    would hold SQLite's write lock. `sqlite_immediate=False` gives plain deferred
+    transactions, for read-mostly callers such as test assertions.
+    """
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -46,9 +52,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        begin = "BEGIN IMMEDIATE" if sqlite_immediate else "BEGIN"
+
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql(begin)
 
         return engine
     kwargs.setdefault("pool_size", 10)
