@@ -20,9 +20,7 @@ class Assignment(Base):
     __tablename__ = "assignments"
     __table_args__ = (
         UniqueConstraint("pair_id", "rater_id"),
-        CheckConstraint(
-            "status IN ('leased', 'submitted', 'skipped', 'expired')", name="status"
-        ),
+        CheckConstraint("status IN ('leased', 'submitted', 'skipped', 'expired')", name="status"),
         CheckConstraint("shown_left IN ('a', 'b')", name="shown_left"),
         Index("ix_assignments_live", "status", "expires_at"),
         Index("ix_assignments_rater", "rater_id", "status"),

@@ -20,9 +20,7 @@ class Run(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
-        CheckConstraint(
-            "kind IN ('generate', 'reward', 'ppo', 'dpo', 'evaluate')", name="kind"
-        ),
+        CheckConstraint("kind IN ('generate', 'reward', 'ppo', 'dpo', 'evaluate')", name="kind"),
         CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
         ),
