@@ -239,7 +239,7 @@ def test_adaptive_kl_controller_by_hand() -> None:
     assert fixed.value == 0.3
 
 
-# ---- sampler and forward pass agree ---------------------------------------------------------------
+# ---- sampler and forward pass agree -------------------------------------------------------
 
 
 def test_sampler_logprobs_match_training_forward_with_left_padding(tmp_path: Path) -> None:
