@@ -20,6 +20,7 @@ from app.services.dispatch import (
     REAP_TASK,
     RELEASE_LEASES_TASK,
     broker_options,
+    prepare_broker,
 )
 
 
@@ -31,6 +32,7 @@ def reap_interval_s(settings: Settings) -> float:
 def make_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app from the settings (broker, queues, beat schedule)."""
     settings = settings or get_settings()
+    prepare_broker(settings.broker_url)
     app = Celery(
         "verdict",
         broker=settings.broker_url,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.engine import make_url
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +23,14 @@ RELEASE_LEASES_TASK = "verdict.release_expired_leases"
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
+
+
+def prepare_broker(broker_url: str) -> None:
+    """Create the directory of a SQLite broker file (SQLite creates the file, not its folder)."""
+    if broker_url.startswith("sqla+sqlite:///"):
+        database = make_url(broker_url.removeprefix("sqla+")).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def broker_options(broker_url: str) -> dict[str, Any]:
@@ -35,6 +45,7 @@ def broker_options(broker_url: str) -> dict[str, Any]:
 @lru_cache(maxsize=8)
 def producer(broker_url: str) -> Celery:
     """A Celery app that only sends messages (no task code, no result backend)."""
+    prepare_broker(broker_url)
     app = Celery("verdict-dispatch", broker=broker_url, set_as_current=False)
     app.conf.update(
         broker_transport_options=broker_options(broker_url),
@@ -44,9 +55,7 @@ def producer(broker_url: str) -> Celery:
     return app
 
 
-def enqueue(
-    broker_url: str, task_name: str, args: list[Any], *, queue: str, task_id: str
-) -> None:
+def enqueue(broker_url: str, task_name: str, args: list[Any], *, queue: str, task_id: str) -> None:
     """Publish one task message. Raises the broker's error if the message could not be stored."""
     producer(broker_url).send_task(
         task_name,
