@@ -36,6 +36,7 @@ import math
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -893,6 +894,7 @@ def train_ppo(
             raise Cancelled(f"PPO cancelled before step {step + 1}")
 
         # -- Rollout: sample, score, turn into per-token rewards and advantages.
+        rollout_start = time.perf_counter()
         indices = next_prompt_indices()
         batch_messages = [prompt_messages[i] for i in indices]
         queries = encode_prompts(tokenizer, batch_messages, config.max_prompt_length)
@@ -964,7 +966,9 @@ def train_ppo(
         )  # fmt: skip
 
         # -- Update: several epochs of clipped PPO over shuffled minibatches.
+        update_start = time.perf_counter()
         stats = _ppo_update(config, policy, value_model, optimizer, params, rollout, shuffle_gen)
+        update_end = time.perf_counter()
 
         sequence_kl = kl.sum(1)
         metrics = {
@@ -976,6 +980,8 @@ def train_ppo(
             "response/length": float(lengths.float().mean()),
             "response/eos_rate": float(has_eos.float().mean()),
             **stats,
+            "time/rollout": update_start - rollout_start,
+            "time/update": update_end - update_start,
         }
         kl_ctl.update(metrics["objective/kl"], config.batch_size)
         done = step + 1
