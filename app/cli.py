@@ -11,9 +11,10 @@ from alembic import command
 from alembic.config import Config
 from rich.console import Console
 
+from app.cli_runs import runs_app, scheduler, worker
 from app.core.config import ROOT_DIR, Settings, get_settings
 from app.core.db import session_scope
-from app.services import projects, prompts, users
+from app.services import generation, projects, prompts, users
 from app.services.errors import InvalidInput, ServiceError
 
 app = typer.Typer(help="Verdict: a self-hosted RLHF workbench.", no_args_is_help=True)
@@ -27,6 +28,9 @@ app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 app.add_typer(project_app, name="project")
 app.add_typer(prompts_app, name="prompts")
+app.add_typer(runs_app, name="runs")
+app.command()(worker)
+app.command()(scheduler)
 
 err = Console(stderr=True)
 
@@ -158,6 +162,9 @@ def prompts_import(
             )
             bar.update(task, description="storing")
             result = prompts.store_prompts(session, target, records, source="cli")
+            run = generation.queue_generation_after_upload(
+                session, target, result.prompt_ids, settings=settings
+            )
         except ServiceError as exc:
             bar.stop()
             fail(exc)
@@ -165,6 +172,8 @@ def prompts_import(
         f"created {result.created}, duplicates {result.duplicates}, errors 0,"
         f" responses {result.responses_created}, pairs {result.pairs_created}"
     )
+    if run is not None:
+        typer.echo(f"queued generation run {run.id} (follow it: verdict runs watch {run.id})")
 
 
 @app.command()

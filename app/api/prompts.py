@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.services import generation
 from app.services import prompts as prompt_service
 from app.services.errors import (
     FieldError,
@@ -141,7 +142,15 @@ async def upload_prompts(
     result = await run_in_threadpool(
         prompt_service.store_prompts, session, project, records, source="api", actor_id=user.id
     )
-    return UploadOut(**result.as_dict())
+    run = await run_in_threadpool(
+        generation.queue_generation_after_upload,
+        session,
+        project,
+        result.prompt_ids,
+        settings=settings,
+        actor_id=user.id,
+    )
+    return UploadOut(**result.as_dict(), generation_run_id=run.id if run else None)
 
 
 def _parse_json_body(body: bytes, max_records: int) -> list[prompt_service.PromptRecord]:

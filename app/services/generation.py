@@ -115,13 +115,12 @@ def queue_generation_after_upload(
     counts: dict[int, int] = {}
     for start in range(0, len(prompt_ids), 500):
         chunk = prompt_ids[start : start + 500]
-        counts.update(
-            session.execute(
-                select(Response.prompt_id, func.count())
-                .where(Response.prompt_id.in_(chunk))
-                .group_by(Response.prompt_id)
-            ).tuples()
+        rows = session.execute(
+            select(Response.prompt_id, func.count())
+            .where(Response.prompt_id.in_(chunk))
+            .group_by(Response.prompt_id)
         )
+        counts.update({pid: n for pid, n in rows})
     session.commit()
     needy = [pid for pid in prompt_ids if counts.get(pid, 0) < UPLOADED_RESPONSES_ENOUGH]
     if not needy:
@@ -184,7 +183,7 @@ def prompts_needing_responses(
                 Response.prompt_id.in_([p.id for p in prompts]),
             )
             .order_by(Response.id)
-        ).tuples():
+        ):
             existing.setdefault(pid, []).append(rid)
     return [
         _Todo(p.id, prompt_messages(p), existing.get(p.id, []), k - len(existing.get(p.id, [])))

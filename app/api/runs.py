@@ -1,0 +1,165 @@
+"""Runs (generation, training) and the model versions they produce."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.models import ModelVersion, Run
+from app.services import registry, runs
+
+router = APIRouter(prefix="/api/v1", tags=["runs"])
+
+
+class RunCreate(BaseModel):
+    kind: Literal["generate", "reward", "ppo", "dpo"] = Field(
+        description="what to run; only the implemented kinds are accepted (422 otherwise)"
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        examples=[{"limit": 20, "max_new_tokens": 96}],
+        description="kind-specific settings; for `generate`: prompt_ids, limit, "
+        "responses_per_prompt, temperature, top_p, max_new_tokens, batch_size, seed",
+    )
+
+
+class RunOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    project_id: int
+    kind: str
+    status: str
+    trigger: str
+    config: dict[str, Any]
+    progress_done: int
+    progress_total: int | None
+    eta_s: float | None = None
+    error: str | None
+    result: dict[str, Any]
+    attempts: int
+    cancel_requested: bool
+    worker: str | None
+    created_by_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunOut:
+        out = cls.model_validate(run)
+        out.eta_s = runs.eta_seconds(run)
+        return out
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+
+
+class RunDetail(RunOut):
+    log_tail: str
+    metrics: dict[str, list[MetricPoint]] = Field(default_factory=dict)
+    latest_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelVersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    version: int
+    name: str
+    status: str
+    base_model: str
+    artifact_path: str | None
+    parent_id: int | None
+    run_id: int | None
+    metrics: dict[str, Any]
+    created_at: datetime
+    promoted_at: datetime | None
+
+
+@router.post(
+    "/projects/{slug}/runs",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        422: {"description": "unknown or not yet implemented kind, or an invalid config"},
+        503: {"description": "the broker could not take the task (the run is marked failed)"},
+    },
+)
+def create_run(
+    body: RunCreate,
+    project: ProjectDep,
+    session: SessionDep,
+    user: AdminUser,
+    settings: SettingsDep,
+) -> RunOut:
+    """Queue a run. It is stored `queued`, then its task is sent; follow it with GET /runs/{id}."""
+    run = runs.create_run(
+        session, project, body.kind, body.config, settings=settings, actor_id=user.id
+    )
+    return RunOut.of(run)
+
+
+@router.get("/projects/{slug}/runs")
+def list_runs(
+    project: ProjectDep,
+    session: SessionDep,
+    user: DataReader,
+    kind: str | None = None,
+    status_: str | None = Query(None, alias="status"),
+    limit: int = Query(50, ge=1, le=500),
+) -> list[RunOut]:
+    """The project's runs, newest first."""
+    rows = runs.list_runs(session, project, kind=kind, status=status_, limit=limit)
+    return [RunOut.of(r) for r in rows]
+
+
+@router.get("/runs/{run_id}")
+def get_run(run_id: int, session: SessionDep, user: DataReader) -> RunDetail:
+    """A run with its progress, ETA, error, log tail and metrics."""
+    run = runs.get_run(session, run_id)
+    series = runs.run_metrics(session, run)
+    return RunDetail.model_validate(
+        {
+            **RunOut.of(run).model_dump(),
+            "log_tail": run.log_tail,
+            "metrics": {
+                name: [MetricPoint(step=s, value=v) for s, v in points]
+                for name, points in series.items()
+            },
+            "latest_metrics": {name: points[-1][1] for name, points in series.items()},
+        }
+    )
+
+
+@router.post("/runs/{run_id}/cancel", responses={409: {"description": "the run has ended"}})
+def cancel_run(
+    run_id: int, session: SessionDep, user: AdminUser, settings: SettingsDep
+) -> RunOut:
+    """Cancel a run: a queued one ends now (its task is revoked), a running one stops at its
+    next step."""
+    run = runs.cancel_run(
+        session, runs.get_run(session, run_id), settings=settings, actor_id=user.id
+    )
+    return RunOut.of(run)
+
+
+@router.get("/projects/{slug}/models")
+def list_models(
+    project: ProjectDep,
+    session: SessionDep,
+    user: DataReader,
+    settings: SettingsDep,
+    kind: Literal["policy", "reward"] | None = None,
+) -> list[ModelVersionOut]:
+    """The project's model versions; policy version 0 (the base model) always exists."""
+    registry.ensure_base_policy(session, project, settings)
+    versions: list[ModelVersion] = registry.list_versions(session, project, kind)
+    return [ModelVersionOut.model_validate(v) for v in versions]
