@@ -12,11 +12,11 @@ from sqlalchemy.orm import sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import Response
 
-from app.api import health, projects, prompts, runs, users
+from app.api import assignments, health, imports, projects, prompts, runs, users
 from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine
 from app.services.errors import InvalidInput, ServiceError
-from app.web import auth, pages
+from app.web import auth, pages, rate
 
 CSP = "; ".join(
     [
@@ -87,9 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
-    for module in (health, projects, prompts, users, runs):
+    for module in (health, projects, prompts, users, assignments, runs, imports):
         app.include_router(module.router)
     app.include_router(auth.router)
     app.include_router(pages.router)
+    app.include_router(rate.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -1,0 +1,158 @@
+"""Assignments API for programmatic raters (scripts, LLM judges, load tests) and gold marking."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.deps import AdminUser, ProjectDep, SessionDep, require
+from app.models import Assignment, Judgment, User
+from app.services import assignment as assignment_service
+from app.services import judgments, policies
+from app.services.prompts import prompt_messages
+
+router = APIRouter(prefix="/api/v1", tags=["assignments"])
+
+Rater = Annotated[User, Depends(require(policies.can_rate, "rate comparisons"))]
+
+
+class ResponseOut(BaseModel):
+    id: int
+    text: str
+
+
+class PromptOut(BaseModel):
+    id: int
+    messages: list[dict[str, str]] = Field(
+        description="the prompt as chat turns; a plain-text prompt is one user turn"
+    )
+
+
+class AssignmentOut(BaseModel):
+    id: int
+    pair_id: int
+    project: str
+    prompt: PromptOut
+    response_a: ResponseOut
+    response_b: ResponseOut
+    shown_left: Literal["a", "b"] = Field(
+        description="the response to present first (randomized per assignment, against"
+        " position bias); answers still name the pair's responses as a/b"
+    )
+    leased_at: datetime
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, assignment: Assignment, slug: str) -> AssignmentOut:
+        pair = assignment.pair
+        return cls(
+            id=assignment.id,
+            pair_id=pair.id,
+            project=slug,
+            prompt=PromptOut(id=pair.prompt.id, messages=prompt_messages(pair.prompt)),
+            response_a=ResponseOut(id=pair.response_a.id, text=pair.response_a.text),
+            response_b=ResponseOut(id=pair.response_b.id, text=pair.response_b.text),
+            shown_left=assignment.shown_left,
+            leased_at=assignment.leased_at,
+            expires_at=assignment.expires_at,
+        )
+
+
+class JudgmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    choice: str = Field(description="a | b | tie | both_bad (a/b: the pair's responses)")
+    strength: int | None = Field(None, description="for a/b: 1 better, 2 much better")
+    aspects: dict[str, str] = Field(
+        default_factory=dict, description="per project aspect: a | b | tie"
+    )
+    rationale: str = ""
+    flags: list[str] = Field(default_factory=list, description="unsafe, personal_data, broken")
+    active_ms: int | None = Field(None, description="time actively spent, as measured by you")
+
+
+class JudgmentOut(BaseModel):
+    """A stored judgment as its rater sees it (no gold information)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    assignment_id: int
+    pair_id: int
+    choice: str
+    strength: int | None
+    aspects: dict[str, str]
+    rationale: str
+    flags: list[str]
+    time_on_task_ms: int | None
+    active_ms: int | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, judgment: Judgment) -> JudgmentOut:
+        return cls.model_validate(judgment)
+
+
+class SkipIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class SkipOut(BaseModel):
+    id: int
+    status: str
+    skip_reason: str | None
+
+
+class GoldIn(BaseModel):
+    choice: Literal["a", "b", "tie", "both_bad"] | None = Field(
+        description="the expected answer, in the pair's terms; null unmarks the pair"
+    )
+
+
+class GoldOut(BaseModel):
+    pair_id: int
+    gold_choice: str | None
+
+
+@router.get(
+    "/projects/{slug}/assignments/next",
+    response_model=AssignmentOut,
+    responses={204: {"description": "nothing left for you in this project"}},
+)
+def next_assignment(
+    project: ProjectDep, session: SessionDep, user: Rater
+) -> AssignmentOut | Response:
+    """Lease the next comparison (or return the one you already hold); 204 when none is left."""
+    assignment = assignment_service.next_assignment(session, project, user)
+    if assignment is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return AssignmentOut.of(assignment, project.slug)
+
+
+@router.post(
+    "/assignments/{assignment_id}/judgment",
+    responses={409: {"description": "skipped, judged differently, or expired and full"}},
+)
+def submit_judgment(
+    assignment_id: int, body: JudgmentIn, session: SessionDep, user: Rater
+) -> JudgmentOut:
+    """Store your judgment. Sending the same body again returns the same stored judgment."""
+    data = judgments.JudgmentInput(**body.model_dump())
+    return JudgmentOut.of(judgments.submit(session, assignment_id, user, data))
+
+
+@router.post("/assignments/{assignment_id}/skip")
+def skip_assignment(assignment_id: int, body: SkipIn, session: SessionDep, user: Rater) -> SkipOut:
+    """Give the comparison back with a reason; you will not get it again."""
+    row = assignment_service.skip_assignment(session, assignment_id, user, body.reason)
+    return SkipOut(id=row.id, status=row.status, skip_reason=row.skip_reason)
+
+
+@router.put("/pairs/{pair_id}/gold")
+def set_gold(pair_id: int, body: GoldIn, session: SessionDep, user: AdminUser) -> GoldOut:
+    """Mark a pair as gold with its expected answer (admin only)."""
+    pair = judgments.set_gold(session, pair_id, body.choice, actor_id=user.id)
+    return GoldOut(pair_id=pair.id, gold_choice=pair.gold_choice)

@@ -1,0 +1,347 @@
+"""Handing comparison pairs to raters: leases, overlap, gold interleaving, expiry, skips.
+
+Invariants (docs/rating.md explains why they hold on PostgreSQL and on SQLite):
+
+- a rater gets a pair at most once: one `assignments` row per (pair, rater), enforced by a
+  unique constraint; a skipped or expired pair never comes back to that rater;
+- a standard pair never has more live leases plus judgments than `required_judgments`;
+- a rater holds at most one live lease per project: `next` hands back the one they hold.
+
+A lease is live while `status = 'leased' AND expires_at > now`. Queries treat an old lease as
+dead at once; `release_expired_leases` only makes that visible in the `status` column.
+
+Gold pairs (a pair with `gold_choice`) measure raters, so they are not capped by
+`required_judgments`: every rater may get each gold pair once, interleaved at the project's
+`gold_rate`. Nothing a rater sees tells a gold pair from another.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, joinedload
+
+from app.models import Assignment, ComparisonPair, Judgment, Project, User, utcnow
+from app.services.errors import Conflict, InvalidInput, NotFound
+from app.services.projects import project_settings
+
+# How many candidates that filled up under us one `next` call steps over before giving up.
+MAX_CLAIM_TRIES = 20
+MAX_SKIP_REASON_CHARS = 1000
+
+_rng = random.SystemRandom()
+
+
+@dataclass(frozen=True)
+class RaterCounts:
+    """What the rater sees in the page header."""
+
+    done_today: int
+    left: int
+
+
+def is_live(now: datetime) -> ColumnElement[bool]:
+    """SQL condition: an assignment is a lease that has not run out."""
+    return and_(Assignment.status == "leased", Assignment.expires_at > now)
+
+
+def _live_leases(now: datetime) -> ColumnElement[int]:
+    """Correlated subquery: live leases on the pair of the enclosing query."""
+    return (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.pair_id == ComparisonPair.id, is_live(now))
+        .scalar_subquery()
+    )
+
+
+def _untouched_by(rater_id: int) -> ColumnElement[bool]:
+    """The rater has never been assigned this pair, nor judged it in any other way."""
+    return and_(
+        ~exists().where(Assignment.pair_id == ComparisonPair.id, Assignment.rater_id == rater_id),
+        ~exists().where(Judgment.pair_id == ComparisonPair.id, Judgment.rater_id == rater_id),
+    )
+
+
+CONTENT = (
+    joinedload(Assignment.pair).joinedload(ComparisonPair.prompt),
+    joinedload(Assignment.pair).joinedload(ComparisonPair.response_a),
+    joinedload(Assignment.pair).joinedload(ComparisonPair.response_b),
+)
+
+
+def _lock_rater(session: Session, rater_id: int) -> None:
+    # Serializes one rater's own `next` calls (two tabs, a double click): without it two calls
+    # could each find no live lease and each lease a different pair. FOR NO KEY UPDATE does not
+    # block the key-share locks that inserting rows referencing the user takes.
+    session.execute(
+        select(User.id).where(User.id == rater_id).with_for_update(key_share=True)
+    ).first()
+
+
+def _current_lease(session: Session, project_id: int, rater_id: int, now: datetime) -> int | None:
+    return session.scalar(
+        select(Assignment.id)
+        .where(
+            Assignment.rater_id == rater_id,
+            Assignment.project_id == project_id,
+            is_live(now),
+        )
+        .order_by(Assignment.leased_at, Assignment.id)
+        .limit(1)
+    )
+
+
+def _has_room(session: Session, pair_id: int, now: datetime) -> bool:
+    # Run as a new statement after the row lock is held: under READ COMMITTED it sees every
+    # lease committed by whoever held the lock before us, which the candidate query's older
+    # snapshot might not have seen.
+    room: bool | None = session.scalar(
+        select(
+            ComparisonPair.judgment_count + _live_leases(now) < ComparisonPair.required_judgments
+        ).where(ComparisonPair.id == pair_id)
+    )
+    return bool(room)
+
+
+class _Full(Exception):
+    """The locked candidate filled up meanwhile: start the transaction again without it."""
+
+    def __init__(self, pair_id: int) -> None:
+        self.pair_id = pair_id
+
+
+def _claim_pair(
+    session: Session,
+    project_id: int,
+    rater_id: int,
+    now: datetime,
+    *,
+    gold: bool,
+    wait: bool,
+    excluded: set[int],
+) -> int | None:
+    """Lock and return the best pair of one kind that this rater may lease, or None.
+
+    With `wait=False` rows other transactions hold are skipped (SKIP LOCKED), so concurrent
+    raters fan out over different pairs instead of queueing on the first one. Raises `_Full`
+    if the locked pair has no room after all; the caller then rolls back, which releases that
+    lock: a transaction never holds one pair lock while waiting for another (no deadlocks).
+    """
+    conditions = [
+        ComparisonPair.project_id == project_id,
+        ComparisonPair.gold_choice.is_not(None) if gold else ComparisonPair.gold_choice.is_(None),
+        _untouched_by(rater_id),
+    ]
+    if not gold:
+        conditions.append(
+            ComparisonPair.judgment_count + _live_leases(now) < ComparisonPair.required_judgments
+        )
+    if excluded:
+        conditions.append(ComparisonPair.id.not_in(excluded))
+    pair_id = session.scalar(
+        select(ComparisonPair.id)
+        .where(*conditions)
+        .order_by(
+            ComparisonPair.judgment_count,
+            ComparisonPair.priority.desc(),
+            ComparisonPair.created_at,
+            ComparisonPair.id,
+        )
+        .limit(1)
+        .with_for_update(of=ComparisonPair, skip_locked=not wait)
+    )
+    if pair_id is not None and not gold and not _has_room(session, pair_id, now):
+        raise _Full(pair_id)
+    return pair_id
+
+
+def _get_with_content(session: Session, assignment_id: int) -> Assignment:
+    return session.scalars(
+        select(Assignment).where(Assignment.id == assignment_id).options(*CONTENT)
+    ).one()
+
+
+def next_assignment(
+    session: Session,
+    project: Project,
+    rater: User,
+    *,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+) -> Assignment | None:
+    """The rater's next comparison in `project`, leased to them; None when nothing is left.
+
+    A rater who still holds a live lease in the project gets that same assignment back, so
+    reloading the page or calling the API twice never hoards pairs. Otherwise a pair is chosen
+    (gold with probability `gold_rate`, else standard; then fewest judgments, highest priority,
+    oldest) and leased for the project's `lease_ttl_s`, with a random side shown on the left.
+    The returned assignment has its pair, prompt and responses loaded.
+    """
+    now = now or utcnow()
+    rng = rng or _rng
+    settings = project_settings(project)
+    want_gold = rng.random() < settings.gold_rate
+    # The kind drawn first, then the other one, so the rater only hears "nothing left" when
+    # there really is nothing. The blocking passes (PostgreSQL only; SQLite has no row locks)
+    # cover the moment when every open pair is locked by other raters' transactions.
+    passes = [(want_gold, False), (not want_gold, False)]
+    if session.get_bind().dialect.name == "postgresql":
+        passes += [(want_gold, True), (not want_gold, True)]
+    excluded: set[int] = set()
+    for _ in range(MAX_CLAIM_TRIES):
+        try:
+            _lock_rater(session, rater.id)
+            current = _current_lease(session, project.id, rater.id, now)
+            if current is not None:
+                session.commit()
+                return _get_with_content(session, current)
+            pair_id = None
+            for gold, wait in passes:
+                pair_id = _claim_pair(
+                    session, project.id, rater.id, now, gold=gold, wait=wait, excluded=excluded
+                )
+                if pair_id is not None:
+                    break
+            if pair_id is None:
+                session.commit()
+                return None
+            assignment = Assignment(
+                project_id=project.id,
+                pair_id=pair_id,
+                rater_id=rater.id,
+                status="leased",
+                shown_left=rng.choice(("a", "b")),
+                leased_at=now,
+                expires_at=now + timedelta(seconds=settings.lease_ttl_s),
+            )
+            session.add(assignment)
+            session.commit()
+            return _get_with_content(session, assignment.id)
+        except _Full as full:
+            session.rollback()
+            excluded.add(full.pair_id)
+        except IntegrityError as exc:
+            # Unreachable while _lock_rater serializes the rater's calls; kept as a clear
+            # answer rather than a 500 if that ever changes.
+            session.rollback()
+            raise Conflict("another request is assigning you work right now; try again") from exc
+        except BaseException:
+            session.rollback()
+            raise
+    # Every try found its pair filled meanwhile: heavy contention at the end of the queue.
+    raise Conflict("the queue is busy right now; try again in a moment")
+
+
+def get_own_assignment(
+    session: Session, assignment_id: int, rater: User, *, for_update: bool = False
+) -> Assignment:
+    """The rater's own assignment (optionally row-locked); NotFound for anyone else's."""
+    stmt = select(Assignment).where(Assignment.id == assignment_id)
+    if for_update:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    assignment = session.scalar(stmt)
+    if assignment is None or assignment.rater_id != rater.id:
+        raise NotFound(f"assignment {assignment_id} not found")
+    return assignment
+
+
+def skip_assignment(
+    session: Session,
+    assignment_id: int,
+    rater: User,
+    reason: str,
+    *,
+    now: datetime | None = None,
+) -> Assignment:
+    """Give a pair back with a reason; it never returns to this rater. Repeating is harmless."""
+    now = now or utcnow()
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("say why you skip this comparison (a short reason)")
+    if len(reason) > MAX_SKIP_REASON_CHARS:
+        raise InvalidInput(f"the skip reason is longer than {MAX_SKIP_REASON_CHARS} characters")
+    try:
+        assignment = get_own_assignment(session, assignment_id, rater, for_update=True)
+        if assignment.status == "submitted":
+            raise Conflict("this comparison is already judged; it cannot be skipped")
+        if assignment.status != "skipped":
+            assignment.status = "skipped"
+            assignment.skip_reason = reason
+            assignment.completed_at = now
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return assignment
+
+
+def release_expired_leases(session: Session, *, now: datetime | None = None) -> int:
+    """Mark leases past their `expires_at` as expired; returns how many. Safe to run anytime.
+
+    Queries already treat such leases as dead, so this only tidies the status column (and the
+    `ix_assignments_live` index). Rows a submit or skip holds right now are left for the next
+    sweep (SKIP LOCKED), so the sweep never waits on, or deadlocks with, a rater.
+    """
+    now = now or utcnow()
+    stale = (
+        select(Assignment.id)
+        .where(Assignment.status == "leased", Assignment.expires_at <= now)
+        .with_for_update(skip_locked=True)
+    )
+    try:
+        result = session.execute(
+            update(Assignment)
+            .where(Assignment.id.in_(stale.scalar_subquery()))
+            .values(status="expired")
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def rater_counts(
+    session: Session, project: Project, rater: User, *, now: datetime | None = None
+) -> RaterCounts:
+    """Judgments the rater stored today (UTC) and pairs still open to them, current one included."""
+    now = now or utcnow()
+    start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    done_today = session.scalar(
+        select(func.count())
+        .select_from(Judgment)
+        .where(
+            Judgment.project_id == project.id,
+            Judgment.rater_id == rater.id,
+            Judgment.created_at >= start_of_day,
+        )
+    )
+    untouched = session.scalar(
+        select(func.count())
+        .select_from(ComparisonPair)
+        .where(
+            ComparisonPair.project_id == project.id,
+            or_(
+                ComparisonPair.gold_choice.is_not(None),
+                ComparisonPair.judgment_count < ComparisonPair.required_judgments,
+            ),
+            _untouched_by(rater.id),
+        )
+    )
+    holding = session.scalar(
+        select(func.count())
+        .select_from(Assignment)
+        .where(
+            Assignment.project_id == project.id,
+            Assignment.rater_id == rater.id,
+            is_live(now),
+        )
+    )
+    session.commit()  # end the read transaction (on SQLite it holds the write lock)
+    return RaterCounts(done_today=done_today or 0, left=(untouched or 0) + (holding or 0))

@@ -1,0 +1,164 @@
+"""Dataset snapshots: which judgments become training pairs, immutability, the automatic
+reward-run trigger (threshold, never two at once)."""
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.db import make_engine
+from app.ml.preferences import split_by_prompt
+from app.models import ComparisonPair, Judgment, Project, Response, Run, User
+from app.services import reward_runs, snapshots
+from app.services.errors import Conflict, InvalidInput
+from tests.conftest import Factory
+
+
+def judge(
+    factory: Factory,
+    pair: ComparisonPair,
+    rater: User,
+    choice: str,
+    strength: int | None = 1,
+    flags: list[str] | None = None,
+) -> Judgment:
+    factory.session.commit()
+    row = Judgment(
+        project_id=pair.project_id,
+        pair_id=pair.id,
+        rater_id=rater.id,
+        choice=choice,
+        strength=strength if choice in ("a", "b") else None,
+        flags=flags or [],
+    )
+    factory.session.add(row)
+    pair.judgment_count += 1
+    factory.session.commit()
+    return row
+
+
+@pytest.fixture
+def project(factory: Factory) -> Project:
+    return factory.project("snap", reward_retrain_threshold=3)
+
+
+def test_choices_become_pairs_with_margins_and_exclusions(
+    factory: Factory, session: Session, project: Project
+) -> None:
+    r1, r2 = factory.user("rater"), factory.user("rater")
+    p1 = factory.pair(project, ("good", "bad"), prompt="q1")
+    p2 = factory.pair(project, ("left", "right"), prompt="q2")
+    p3 = factory.pair(project, ("x", "y"), prompt="q3")
+    gold = factory.pair(project, ("g1", "g2"), prompt="q4", gold_choice="a")
+    judge(factory, p1, r1, "a", 2)
+    judge(factory, p1, r2, "a", 1)
+    judge(factory, p2, r1, "b", 1, flags=["unsafe"])
+    judge(factory, p2, r2, "tie")
+    judge(factory, p3, r1, "both_bad")
+    judge(factory, gold, r1, "a", 1)
+
+    snap = snapshots.create_snapshot(session, project)
+    assert len(snap.judgment_ids) == 3  # tie, both-bad and gold excluded by default
+    assert snap.stats["project_choices"]["both_bad"] == 1
+    examples = snapshots.load_examples(session, snap)
+    assert [(e.chosen, e.rejected, e.margin, e.label) for e in examples] == [
+        ("good", "bad", 1.0, 1.0),
+        ("good", "bad", 0.0, 1.0),
+        ("right", "left", 0.0, 1.0),
+    ]
+    assert examples[0].prompt == [{"role": "user", "content": "q1"}]
+
+    soft = snapshots.create_snapshot(
+        session, project, snapshots.SnapshotConfig(ties="soft", unsafe="exclude")
+    )
+    labels = [(e.chosen, e.label) for e in snapshots.load_examples(session, soft)]
+    assert labels == [("good", 1.0), ("good", 1.0), ("left", 0.5)]
+
+    majority = snapshots.create_snapshot(
+        session, project, snapshots.SnapshotConfig(aggregate="majority")
+    )
+    assert [e.margin for e in snapshots.load_examples(session, majority)] == [1.0, 0.0]
+
+
+def test_snapshot_is_immutable_and_detects_changed_data(
+    factory: Factory, session: Session, project: Project
+) -> None:
+    rater = factory.user("rater")
+    pair = factory.pair(project, ("a1", "b1"))
+    judge(factory, pair, rater, "a")
+    first = snapshots.create_snapshot(session, project)
+    ids, digest = list(first.judgment_ids), first.content_hash
+
+    later = factory.pair(project, ("a2", "b2"), prompt="another")
+    judge(factory, later, rater, "b")
+    second = snapshots.create_snapshot(session, project)
+    session.refresh(first)
+    assert (first.judgment_ids, first.content_hash) == (ids, digest)
+    assert len(second.judgment_ids) == 2 and second.content_hash != digest
+    assert len(snapshots.load_examples(session, first)) == 1
+
+    response = session.get(Response, pair.response_a_id)
+    assert response is not None
+    response.text = "edited after the snapshot"
+    session.commit()
+    with pytest.raises(Conflict, match="no longer matches"):
+        snapshots.load_examples(session, first)
+
+
+def test_empty_snapshot_is_refused(session: Session, project: Project) -> None:
+    with pytest.raises(InvalidInput, match="no usable judgments"):
+        snapshots.create_snapshot(session, project)
+
+
+def test_split_by_prompt_keeps_each_prompt_on_one_side(
+    factory: Factory, session: Session, project: Project
+) -> None:
+    raters = [factory.user("rater") for _ in range(3)]
+    for i in range(10):
+        pair = factory.pair(project, (f"a{i}", f"b{i}"), prompt=f"prompt {i}")
+        for rater in raters:
+            judge(factory, pair, rater, "a")
+    examples = snapshots.load_examples(session, snapshots.create_snapshot(session, project))
+    train, val = split_by_prompt(examples, 0.3, seed=1)
+    assert {e.group for e in train}.isdisjoint({e.group for e in val})
+    assert len(train) + len(val) == 30 and 6 <= len(val) <= 12
+    assert split_by_prompt(examples, 0.3, seed=1) == (train, val)
+
+
+def test_trigger_waits_for_the_threshold_then_starts_one_run(
+    factory: Factory, session: Session, project: Project, settings: Settings, db_url: str
+) -> None:
+    # A broker nobody consumes: the run rows are what this test is about.
+    settings = settings.model_copy(update={"broker_url": "memory://"})
+    rater = factory.user("rater")
+    for i in range(2):
+        judge(factory, factory.pair(project, (f"a{i}", f"b{i}"), prompt=f"p{i}"), rater, "a")
+    assert reward_runs.maybe_trigger_reward_run(session, project, settings) is None
+    judge(factory, factory.pair(project, ("a9", "b9"), prompt="p9"), rater, "b")
+
+    # The app's own engine: on SQLite its transactions begin IMMEDIATE, as in production.
+    engine = make_engine(db_url)
+    make = sessionmaker(bind=engine, expire_on_commit=False)
+    barrier = threading.Barrier(4)
+    started: list[Run | None] = []
+
+    def trigger() -> None:
+        with make() as s:
+            target = s.get(Project, project.id)
+            assert target is not None
+            barrier.wait()
+            started.append(reward_runs.maybe_trigger_reward_run(s, target, settings))
+
+    threads = [threading.Thread(target=trigger) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.dispose()
+    assert len(started) == 4
+    assert sum(r is not None for r in started) == 1
+    assert factory.count(Run) == 1
+    run = session.scalar(sa.select(Run))
+    assert run is not None and (run.kind, run.status, run.trigger) == ("reward", "queued", "auto")
