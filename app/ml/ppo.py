@@ -416,11 +416,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages], max_length: int
 ) -> list[list[int]]:
-    """Chat-template each prompt with the generation prompt; keep its last `max_length` tokens."""
+    """Chat-template each prompt with the generation prompt; keep its last `max_length` tokens.
+
+    The chat template already holds every special token it wants, so none are added again."""
     encoded = []
     for messages in prompts:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            # A base model without a template: the turns as plain text, as reward.py renders them.
+            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+        ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
         encoded.append(list(ids[-max_length:]))
     return encoded
 
@@ -535,7 +543,8 @@ def forward_logprobs(
     logprobs = logp_all.gather(2, responses.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # a diagnostic: keep the [batch, len, vocab] product out of the graph
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
 
 

@@ -419,3 +419,14 @@ def test_reward_model_with_lora_shares_weights_and_merges(tmp_path: Path) -> Non
 
 def _last(prompt: object) -> str:
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]  # type: ignore[index]
+
+
+def test_encode_prompts_keeps_the_end_and_handles_no_template() -> None:
+    tok = make_tokenizer(pad_equals_eos=True)
+    [ids] = ppo.encode_prompts(tok, [ppo.as_messages("What is the capital of France?")], 4)
+    full = ppo.encode_prompts(tok, [ppo.as_messages("What is the capital of France?")], 512)[0]
+    assert ids == full[-4:]  # the start is cut, the generation prompt survives
+    assert tok.decode(full).endswith("<|im_start|>assistant\n")
+    tok.chat_template = None
+    [plain] = ppo.encode_prompts(tok, [ppo.as_messages("hi")], 512)
+    assert tok.decode(plain) == "hi\n\n"
