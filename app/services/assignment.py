@@ -127,10 +127,15 @@ def _claim_pair(
 ) -> int | None:
     """Lock and return the best pair of one kind that this rater may lease, or None.
 
-    With `wait=False` rows other transactions hold are skipped (SKIP LOCKED), so concurrent
-    raters fan out over different pairs instead of queueing on the first one. Raises `_Full`
-    if the locked pair has no room after all; the caller then rolls back, which releases that
-    lock: a transaction never holds one pair lock while waiting for another (no deadlocks).
+    Without `wait`, one `SELECT ... FOR UPDATE SKIP LOCKED` skips the pairs other transactions
+    hold, so concurrent raters fan out over different pairs instead of queueing on the first
+    one; it never waits. With `wait` (only when that found nothing, in a fresh transaction), the
+    best candidate is read without a lock and then locked by id, so the transaction waits on
+    exactly one row and holds no other pair lock meanwhile. A plain `FOR UPDATE ... LIMIT 1`
+    could keep a lock on a row that failed its re-check and wait on the next one: a deadlock.
+
+    Raises `_Full` when the locked pair turns out to have no room after all; the caller rolls
+    back (releasing the lock) and tries again without it.
     """
     conditions = [
         ComparisonPair.project_id == project_id,
@@ -143,7 +148,7 @@ def _claim_pair(
         )
     if excluded:
         conditions.append(ComparisonPair.id.not_in(excluded))
-    pair_id = session.scalar(
+    best = (
         select(ComparisonPair.id)
         .where(*conditions)
         .order_by(
@@ -153,8 +158,17 @@ def _claim_pair(
             ComparisonPair.id,
         )
         .limit(1)
-        .with_for_update(of=ComparisonPair, skip_locked=not wait)
     )
+    if not wait:
+        pair_id = session.scalar(best.with_for_update(of=ComparisonPair, skip_locked=True))
+    else:
+        candidate = session.scalar(best)
+        if candidate is None:
+            return None
+        session.execute(
+            select(ComparisonPair.id).where(ComparisonPair.id == candidate).with_for_update()
+        )
+        pair_id = candidate
     if pair_id is not None and not gold and not _has_room(session, pair_id, now):
         raise _Full(pair_id)
     return pair_id
@@ -186,12 +200,8 @@ def next_assignment(
     rng = rng or _rng
     settings = project_settings(project)
     want_gold = rng.random() < settings.gold_rate
-    # The kind drawn first, then the other one, so the rater only hears "nothing left" when
-    # there really is nothing. The blocking passes (PostgreSQL only; SQLite has no row locks)
-    # cover the moment when every open pair is locked by other raters' transactions.
-    passes = [(want_gold, False), (not want_gold, False)]
-    if session.get_bind().dialect.name == "postgresql":
-        passes += [(want_gold, True), (not want_gold, True)]
+    postgres = session.get_bind().dialect.name == "postgresql"
+    wait = False
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
         try:
@@ -201,13 +211,20 @@ def next_assignment(
                 session.commit()
                 return _get_with_content(session, current)
             pair_id = None
-            for gold, wait in passes:
+            # The kind drawn first, then the other, so "nothing left" means nothing at all.
+            for gold in (want_gold, not want_gold):
                 pair_id = _claim_pair(
                     session, project.id, rater.id, now, gold=gold, wait=wait, excluded=excluded
                 )
                 if pair_id is not None:
                     break
             if pair_id is None:
+                if postgres and not wait:
+                    # Every open pair may just be locked by other raters: look again, waiting
+                    # this time, in a fresh transaction (dropping any locks SKIP LOCKED took).
+                    session.rollback()
+                    wait = True
+                    continue
                 session.commit()
                 return None
             assignment = Assignment(
