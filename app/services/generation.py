@@ -341,6 +341,12 @@ class _ChunkHooks:
         return self.hooks.should_stop()
 
 
+def storable_text(text: str) -> str:
+    """Model output as a database can hold it: PostgreSQL text cannot contain NUL characters,
+    which a model can emit (byte-level tokenizers decode any byte), so they become U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
 @dataclass
 class _Store:
     """Writes one prompt's responses and pairs in one short transaction."""
@@ -381,7 +387,7 @@ class _Store:
         rows = [
             Response(
                 prompt_id=todo.prompt_id,
-                text=g.text,
+                text=storable_text(g.text),
                 model_version_id=self.policy.id,
                 model_name=self.policy.name,
                 truncated=g.truncated,
@@ -420,7 +426,7 @@ class _Store:
         assert self.previous is not None
         row = Response(
             prompt_id=todo.prompt_id,
-            text=generated.text,
+            text=storable_text(generated.text),
             model_version_id=self.previous.id,
             model_name=self.previous.name,
             truncated=generated.truncated,
