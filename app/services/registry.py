@@ -167,7 +167,9 @@ def activate(session: Session, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def list_versions(session: Session, project: Project, kind: str | None = None) -> list[ModelVersion]:
+def list_versions(
+    session: Session, project: Project, kind: str | None = None
+) -> list[ModelVersion]:
     query = select(ModelVersion).where(ModelVersion.project_id == project.id)
     if kind is not None:
         query = query.where(ModelVersion.kind == kind)

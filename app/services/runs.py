@@ -31,7 +31,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import is_sqlite, new_session
+from app.core.db import new_session
 from app.ml.hooks import Cancelled
 from app.models import Project, Run, RunMetric, utcnow
 from app.models.training import FINISHED_STATUSES, RUN_STATUSES
@@ -165,7 +165,7 @@ def create_run_if_idle(
     """
     spec = _kind(kind)
     session.commit()  # start a fresh transaction so the lock below covers check and insert
-    if not is_sqlite(str(session.get_bind().url)):
+    if session.get_bind().dialect.name != "sqlite":
         session.execute(select(Project.id).where(Project.id == project.id).with_for_update())
     active = session.scalar(
         select(Run.id).where(
@@ -562,7 +562,9 @@ class RunHooks:
         if result is not None:
             values["result"] = result
         if not self._write(values):
-            logger.warning("run %s: could not record %r, the run was taken over", self.run_id, status)
+            logger.warning(
+                "run %s: could not record %r, the run was taken over", self.run_id, status
+            )
 
     def requeue(self, reason: str) -> bool:
         """Put the run back to `queued` under a new task id; the caller enqueues it."""
@@ -656,9 +658,8 @@ def reap_stale_runs(
             values = {"status": "queued", "task_id": uuid.uuid4().hex, "worker": None}
             line = f"reaper: {silent}; requeued (attempt {run.attempts + 1} of {MAX_ATTEMPTS})"
         else:
-            reason = (
-                f"the worker stopped ({silent}, over the {timeout:g} s heartbeat timeout)"
-                + (f" in all {run.attempts} attempts" if run.attempts >= MAX_ATTEMPTS else "")
+            reason = f"the worker stopped ({silent}, over the {timeout:g} s heartbeat timeout)" + (
+                f" in all {run.attempts} attempts" if run.attempts >= MAX_ATTEMPTS else ""
             )
             values = {"status": "failed", "finished_at": now, "error": reason}
             line = f"reaper: {reason}"
