@@ -1,0 +1,324 @@
+"""The runs service without a worker: creating, guarding, cancelling, reaping, the registry,
+and a generation run executed in-process (the handler a worker would call)."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import (
+    AuditEvent,
+    ComparisonPair,
+    ModelVersion,
+    Project,
+    Prompt,
+    Response,
+    Run,
+    utcnow,
+)
+from app.services import generation, projects, prompts, registry, runs
+from app.services.errors import Conflict, InvalidInput
+from tests.conftest import Factory
+from tests.tiny_models import save_tiny_model
+
+
+def broker_messages(settings: Settings) -> int:
+    """Task messages waiting in the embedded SQLite broker (the real one, not a fake)."""
+    path = Path(settings.broker_url.removeprefix("sqla+sqlite:///"))
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM kombu_message WHERE visible").fetchone()[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def add_prompts(session: Session, project: Project, n: int) -> list[int]:
+    records = [prompts.PromptRecord(line=i, text=f"prompt {i}?") for i in range(1, n + 1)]
+    return prompts.store_prompts(session, project, records, source="test").prompt_ids
+
+
+def test_create_run_commits_a_queued_row_then_sends_its_task(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    admin = factory.user("admin")
+    run = runs.create_run(
+        session, project, "generate", {"limit": 3}, settings=settings, actor_id=admin.id
+    )
+    session.expire_all()
+    row = session.get(Run, run.id)
+    assert row is not None and row.status == "queued" and row.task_id
+    assert row.config == {"limit": 3, "batch_size": 16, "first_batch_prompts": 0}
+    assert row.created_by_id == admin.id and row.trigger == "api"
+    assert broker_messages(settings) == 1
+    event = session.scalars(sa.select(AuditEvent).where(AuditEvent.action == "run.create")).one()
+    assert event.target_id == run.id
+
+
+def test_kinds_without_a_handler_are_refused_with_a_clear_message(
+    session: Session, settings: Settings, factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pinned here, so the test keeps meaning the same while later issues add handlers.
+    monkeypatch.setitem(
+        runs.RUN_KINDS, "dpo", runs.RunKind("dpo", None, unavailable="DPO arrives later")
+    )
+    project = factory.project()
+    with pytest.raises(InvalidInput) as caught:
+        runs.create_run(session, project, "dpo", {}, settings=settings)
+    assert caught.value.message == (
+        "run kind 'dpo' is not available: DPO arrives later. Implemented kinds: "
+        + ", ".join(runs.implemented_kinds())
+        + "."
+    )
+    assert caught.value.errors[0].field == "kind"
+    with pytest.raises(InvalidInput, match="unknown run kind 'train'"):
+        runs.create_run(session, project, "train", {}, settings=settings)
+    assert factory.count(Run) == 0 and broker_messages(settings) == 0
+
+
+def test_invalid_generate_config_is_refused_field_by_field(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    other = factory.project()
+    foreign = add_prompts(session, other, 1)
+    with pytest.raises(InvalidInput) as caught:
+        runs.create_run(session, project, "generate", {"top_k": 5}, settings=settings)
+    assert caught.value.errors[0].field == "config.top_k"
+    with pytest.raises(InvalidInput, match="not prompts of project"):
+        runs.create_run(session, project, "generate", {"prompt_ids": foreign}, settings=settings)
+    assert factory.count(Run) == 0
+
+
+def test_claim_guard_lets_one_delivery_run(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    run = runs.create_run(session, factory.project(), "generate", settings=settings)
+    assert run.task_id is not None
+    assert not runs.claim_run(session, run.id, task_id="stale-task", worker="w")
+    assert runs.claim_run(session, run.id, task_id=run.task_id, worker="w1")
+    assert not runs.claim_run(session, run.id, task_id=run.task_id, worker="w2")
+    session.expire_all()
+    row = session.get(Run, run.id)
+    assert row is not None
+    assert (row.status, row.worker, row.attempts) == ("running", "w1", 1)
+    assert row.started_at is not None and row.heartbeat_at is not None
+
+
+def test_cancel_queued_running_and_finished_runs(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    queued = runs.create_run(session, project, "generate", settings=settings)
+    running = runs.create_run(session, project, "generate", settings=settings)
+    assert running.task_id is not None
+    runs.claim_run(session, running.id, task_id=running.task_id, worker="w")
+
+    out = runs.cancel_run(session, queued, settings=settings)
+    assert out.status == "cancelled" and out.cancel_requested and out.finished_at is not None
+    # A cancelled run can never be claimed by its (possibly still queued) message.
+    assert queued.task_id is not None
+    assert not runs.claim_run(session, queued.id, task_id=queued.task_id, worker="w")
+
+    out = runs.cancel_run(session, running, settings=settings)
+    assert out.status == "running" and out.cancel_requested and out.finished_at is None
+
+    with pytest.raises(Conflict, match="already ended"):
+        runs.cancel_run(session, queued, settings=settings)
+    assert factory.count(AuditEvent) >= 2
+
+
+def test_create_run_if_idle_starts_only_one(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    first = runs.create_run_if_idle(session, project, "generate", settings=settings)
+    second = runs.create_run_if_idle(session, project, "generate", settings=settings)
+    assert first is not None and second is None
+    assert factory.count(Run) == 1
+
+
+def _running_run(
+    session: Session, project: Project, settings: Settings, *, beat_age_s: float, attempts: int = 1
+) -> Run:
+    run = runs.create_run(session, project, "generate", settings=settings)
+    assert run.task_id is not None
+    runs.claim_run(session, run.id, task_id=run.task_id, worker="dead@host")
+    session.execute(
+        sa.update(Run)
+        .where(Run.id == run.id)
+        .values(heartbeat_at=utcnow() - timedelta(seconds=beat_age_s), attempts=attempts)
+    )
+    session.commit()
+    return run
+
+
+def test_reaper_requeues_resumable_runs_and_fails_exhausted_ones(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    timeout = settings.worker_heartbeat_timeout_s
+    dead = _running_run(session, project, settings, beat_age_s=timeout + 5)
+    exhausted = _running_run(
+        session, project, settings, beat_age_s=timeout + 5, attempts=runs.MAX_ATTEMPTS
+    )
+    alive = _running_run(session, project, settings, beat_age_s=1)
+    cancelling = _running_run(session, project, settings, beat_age_s=timeout + 5)
+    session.execute(sa.update(Run).where(Run.id == cancelling.id).values(cancel_requested=True))
+    session.commit()
+    messages_before = broker_messages(settings)
+    old_task = dead.task_id
+
+    changed = runs.reap_stale_runs(session, settings)
+
+    assert {r.id for r in changed} == {dead.id, exhausted.id, cancelling.id}
+    session.expire_all()
+    requeued = session.get(Run, dead.id)
+    assert requeued is not None and requeued.status == "queued" and requeued.worker is None
+    assert requeued.task_id != old_task and "reaper: no heartbeat" in requeued.log_tail
+    assert broker_messages(settings) == messages_before + 1  # sent again, under the new id
+    failed = session.get(Run, exhausted.id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error is not None and "heartbeat timeout" in failed.error
+    assert session.get(Run, cancelling.id).status == "cancelled"  # type: ignore[union-attr]
+    assert session.get(Run, alive.id).status == "running"  # type: ignore[union-attr]
+
+
+def test_eta_follows_the_observed_rate(session: Session, factory: Factory) -> None:
+    run = Run(
+        project_id=factory.project().id,
+        kind="generate",
+        status="running",
+        progress_done=10,
+        progress_total=40,
+        started_at=utcnow() - timedelta(seconds=20),
+    )
+    eta = runs.eta_seconds(run)
+    assert eta is not None and 59 <= eta <= 61
+    run.status = "succeeded"
+    assert runs.eta_seconds(run) is None
+
+
+def test_registry_base_policy_is_created_once_and_promotion_archives(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project(base_policy="/models/base")
+    base = registry.ensure_base_policy(session, project, settings)
+    assert registry.ensure_base_policy(session, project, settings).id == base.id
+    assert (base.version, base.status, base.base_model) == (0, "active", "/models/base")
+    assert registry.active_policy(session, project, settings).id == base.id
+
+    tuned = registry.create_version(
+        session, project, "policy", base_model=base.base_model, artifact_path="/a/v1", parent=base
+    )
+    registry.activate(session, tuned)
+    session.expire_all()
+    assert registry.active_policy(session, project, settings).id == tuned.id
+    assert session.get(ModelVersion, base.id).status == "archived"  # type: ignore[union-attr]
+    assert registry.previous_policy(session, tuned) is not None
+    assert registry.model_spec(tuned) == "/a/v1" and registry.model_spec(base) == "/models/base"
+    path = registry.artifact_dir(settings, project, "policy", 1)
+    assert path == settings.artifacts_dir / "projects" / str(project.id) / "policy-v1"
+
+
+def test_upload_queues_generation_only_for_prompts_without_responses(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project()
+    records = [
+        prompts.PromptRecord(line=1, text="needs answers"),
+        prompts.PromptRecord(
+            line=2,
+            text="comes with answers",
+            responses=[prompts.ResponseIn("a"), prompts.ResponseIn("b")],
+        ),
+    ]
+    result = prompts.store_prompts(session, project, records, source="test")
+    run = generation.queue_generation_after_upload(
+        session, project, result.prompt_ids, settings=settings
+    )
+    assert run is not None and run.trigger == "upload"
+    assert run.config["prompt_ids"] == result.prompt_ids[:1]
+
+    projects.update_project(session, project, settings={"auto_generate": False})
+    more = add_prompts(session, project, 2)
+    assert (
+        generation.queue_generation_after_upload(session, project, more, settings=settings) is None
+    )
+    assert factory.count(Run) == 1
+
+
+def _execute(session: Session, settings: Settings, run: Run) -> str:
+    assert run.task_id is not None
+    return runs.execute_run(run.id, task_id=run.task_id, worker="in-test", settings=settings)
+
+
+def test_generation_with_a_trained_policy_adds_version_eval_pairs(
+    session: Session, settings: Settings, factory: Factory, tiny_dir: Path, tmp_path: Path
+) -> None:
+    project = factory.project(
+        base_policy=str(tiny_dir), max_new_tokens=6, version_eval_rate=1.0, overlap=2
+    )
+    first = add_prompts(session, project, 2)
+    base_run = runs.create_run(session, project, "generate", settings=settings)
+    assert _execute(session, settings, base_run) == "succeeded"
+
+    base = registry.active_policy(session, project, settings)
+    tuned_dir = save_tiny_model(tmp_path / "tuned", seed=1)
+    tuned = registry.create_version(
+        session, project, "policy", base_model=base.base_model, artifact_path=str(tuned_dir),
+        parent=base,
+    )  # fmt: skip
+    registry.activate(session, tuned)
+    fresh = add_prompts(session, project, 1)  # the previous policy never answered this one
+    run = runs.create_run(session, project, "generate", settings=settings)
+    assert _execute(session, settings, run) == "succeeded"
+
+    session.expire_all()
+    eval_pairs = list(
+        session.scalars(sa.select(ComparisonPair).where(ComparisonPair.kind == "version_eval"))
+    )
+    assert {p.prompt_id for p in eval_pairs} == set(first + fresh)
+    for pair in eval_pairs:
+        a = session.get(Response, pair.response_a_id)
+        b = session.get(Response, pair.response_b_id)
+        assert a is not None and b is not None
+        assert (a.model_version_id, b.model_version_id) == (tuned.id, base.id)
+        assert pair.required_judgments == 2
+    # The backfilled answer of the previous policy for the new prompt.
+    backfilled = session.scalars(
+        sa.select(Response).where(
+            Response.prompt_id == fresh[0], Response.model_version_id == base.id
+        )
+    ).all()
+    assert len(backfilled) == 1 and backfilled[0].generation_params["purpose"] == "version_eval"
+    row = session.get(Run, run.id)
+    assert row is not None and row.result["version_eval_pairs"] == 3
+    assert row.result["responses"] == 6  # 3 prompts x K=2 from the tuned policy
+    assert session.scalar(sa.select(sa.func.count()).select_from(Prompt)) == 3
+
+
+def test_a_failing_handler_marks_the_run_failed_and_reraises(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
+    project = factory.project(base_policy="not/a-local-dir")
+    add_prompts(session, project, 1)
+    run = runs.create_run(session, project, "generate", settings=settings)
+    with pytest.raises(Exception, match="hub downloads are disabled"):
+        _execute(session, settings, run)
+    session.expire_all()
+    row = session.get(Run, run.id)
+    assert row is not None and row.status == "failed" and row.finished_at is not None
+    assert row.error is not None and row.error.startswith(
+        "ModelLoadError: Model spec 'not/a-local-dir'"
+    )
