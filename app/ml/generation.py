@@ -13,6 +13,8 @@ Choices worth knowing:
   prompts were grouped, and the caller's global RNG is left alone.
 * Rows that have finished are dropped from the batch (and from the KV cache) at once, so a batch
   costs what its remaining rows cost, and a prompt is reported done as soon as its K rows are.
+* Work that rows share is done once: the K rows of a prompt share its prefill, and a prefix that
+  all prompts of a batch share (a chat template's system prompt) is prefilled once per batch.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 # --- batches -------------------------------------------------------------------------------------
 
 Row = tuple[int, int]  # (prompt index, sample index)
+# Below this many tokens, an extra forward pass for a shared prompt prefix costs more than it saves.
+MIN_SHARED_PREFIX = 8
 
 
 def plan_batches(
@@ -234,6 +238,57 @@ def _next_tokens(
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
 
+def _shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens at the start of every prompt, leaving each prompt at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(limit):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return max(limit, 0)
+
+
+def _prefill(
+    forward: _Forward,
+    prompts: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    stats: dict[str, float],
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run the prompts through the model; return last-position logits, KV cache, attention mask.
+
+    Chat prompts usually start alike (SmolLM2's template puts the same system prompt in front of
+    every one), so a prefix common to all rows is computed once and its cache copied to every row.
+    Each row's own tokens follow, left-padded; the padding then sits between the shared prefix
+    and the row's tokens, where the attention mask hides it.
+    """
+    shared = _shared_prefix_length(prompts)
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    cache = None
+    if shared:
+        prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+        positions = torch.arange(shared, device=device).unsqueeze(0)
+        _, cache = forward(prefix, torch.ones_like(prefix), positions, None)
+        cache.batch_repeat_interleave(len(prompts))
+    width = max(len(p) - shared for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    own_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for j, ids in enumerate(prompts):
+        own = ids[shared:]
+        input_ids[j, width - len(own) :] = torch.tensor(own, dtype=torch.long)
+        own_mask[j, width - len(own) :] = 1
+    attention_mask = torch.cat([own_mask.new_ones((len(prompts), shared)), own_mask], 1).to(device)
+    # Positions count real tokens only, as if the prompt ran alone without padding.
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, shared:]
+    logits, cache = forward(input_ids.to(device), attention_mask, position_ids, cache)
+    stats["shared_prefix_tokens"] += shared
+    stats["padding_tokens"] += float((own_mask == 0).sum())
+    return logits, cache, attention_mask
+
+
 def _decode_batch(
     forward: _Forward,
     rows: list[Row],
@@ -242,22 +297,15 @@ def _decode_batch(
     stop_ids: set[int],
     pad_id: int,
     device: torch.device,
+    stats: dict[str, float],
 ) -> Iterator[tuple[Row, list[int], FinishReason]]:
     """Decode one batch; yield each row's (row, token ids, finish reason) as soon as it ends."""
     # Rows of the same prompt share its prefill: run each distinct prompt once, then copy its
     # cache and logits to every row of that prompt.
     unique = list(dict.fromkeys(prompt for prompt, _ in rows))
-    width = max(len(prompt_ids[p]) for p in unique)
-    input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
-    for j, p in enumerate(unique):
-        ids = prompt_ids[p]
-        input_ids[j, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[j, width - len(ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # Positions count real tokens only, as if the prompt ran alone without padding.
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    logits, cache = forward(input_ids, attention_mask, position_ids, None)
+    logits, cache, attention_mask = _prefill(
+        forward, [prompt_ids[p] for p in unique], pad_id, device, stats
+    )
 
     row_of_unique = {p: j for j, p in enumerate(unique)}
     expand = [row_of_unique[p] for p, _ in rows]
@@ -342,8 +390,9 @@ def generate_responses(
                     raise Cancelled(f"generation cancelled after {prompts_done} prompts")
                 started = time.perf_counter()
                 new_tokens = 0
+                stats = {"shared_prefix_tokens": 0.0, "padding_tokens": 0.0}
                 for (p, k), ids, reason in _decode_batch(
-                    forward, rows, prompt_ids, config, stop_ids, pad_id, device
+                    forward, rows, prompt_ids, config, stop_ids, pad_id, device, stats
                 ):
                     results[p][k] = _make_response(tokenizer, ids, reason)
                     new_tokens += len(ids)
@@ -360,6 +409,8 @@ def generate_responses(
                         "generation/new_tokens": float(new_tokens),
                         "generation/tokens_per_s": new_tokens / max(seconds, 1e-9),
                         "generation/batch_rows": float(len(rows)),
+                        "generation/shared_prefix_tokens": stats["shared_prefix_tokens"],
+                        "generation/prompt_padding_tokens": stats["padding_tokens"],
                     },
                 )
                 hooks.progress(

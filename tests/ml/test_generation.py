@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from app.ml.generation import (
+    MIN_SHARED_PREFIX,
     GeneratedResponse,
     Prompt,
     SamplingConfig,
@@ -130,6 +131,24 @@ def test_greedy_batched_equals_one_at_a_time(pad_equals_eos: bool) -> None:
     assert any(r[0].truncated for r in batched)
     prompt_lengths = {len(encode_prompt(tokenizer, p)) for p in PROMPTS}
     assert max(prompt_lengths) > 3 * min(prompt_lengths)
+
+
+def test_shared_system_prompt_is_prefilled_once_without_changing_answers() -> None:
+    tokenizer = make_tokenizer(pad_equals_eos=True)
+    model = context_sensitive_lm(tokenizer)
+    system = {"role": "system", "content": "Answer concisely and kindly. Be helpful and honest."}
+    questions = ["hi", "What is the capital of France? Explain.", "yes", "def add(a, b):"]
+    prompts: list[Prompt] = [[system, {"role": "user", "content": q}] for q in questions]
+    config = SamplingConfig(num_responses=2, do_sample=False, max_new_tokens=16, batch_size=8)
+    hooks = RecordingHooks()
+
+    batched = generate_responses((model, tokenizer), prompts, config, hooks=hooks)
+
+    assert hooks.series("generation/shared_prefix_tokens")[0] >= MIN_SHARED_PREFIX
+    reference = [hf_greedy(model, tokenizer, p, config.max_new_tokens) for p in prompts]
+    assert [[r.token_ids for r in responses] for responses in batched] == [
+        [ids, ids] for ids in reference
+    ]
 
 
 def test_sampling_is_seeded_per_row_and_independent_of_batching() -> None:
