@@ -137,6 +137,13 @@ def run_child(mode: str, batch_size: int, args: argparse.Namespace) -> dict[str,
     return result
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def _rates(r: dict[str, Any]) -> tuple[float, float]:
     return r["new_tokens"] / r["seconds"], r["new_tokens"] / r["cpu_seconds"]
 
@@ -180,7 +187,7 @@ def section(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {cores} CPU cores, "
+        f"Machine: {_cpu_model()} ({platform.machine()}), {cores} CPU cores, "
         f"{base['threads']} torch thread(s) per mode, torch {torch.__version__}, float32, "
         f"Python {platform.python_version()}  ",
         f"Workload: SmolLM2-135M-Instruct (the safetensors cache of the GGUF), "
@@ -206,11 +213,12 @@ def section(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ]
     if verdict == "missed":
         lines += [
-            "What would close the gap: prefill the prompt prefix that every chat prompt shares "
-            "(SmolLM2's default system prompt) once per batch instead of once per row; run on "
-            "an otherwise idle machine with all cores as torch threads (batched decoding is "
-            "compute-bound and scales with threads, one-at-a-time decoding is bound by reading "
-            "the weights once per token and does not); or use a GPU.",
+            "What would close the gap: run on an otherwise idle machine with all cores as torch "
+            "threads (batched decoding is compute-bound and scales with threads, while "
+            "one-at-a-time decoding is bound by reading all weights once per token and does "
+            "not); refill the rows of finished responses with waiting prompts (continuous "
+            "batching) so late steps of a batch stay full; longer responses, which spend a "
+            "larger share of the time in decoding, where batching pays most; or a GPU.",
             "",
         ]
     return "\n".join(lines)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,78 @@ def test_smollm2_cache_matches_gguf_and_is_reused(
     assert resolve_model_dir("smollm2", artifacts) == cache_dir
     assert load_causal_lm("smollm2", artifacts, device="cpu").source == cache_dir
     assert os.stat(cache_dir / "model.safetensors").st_mtime_ns == weights_mtime
+
+
+def _fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes) -> Path:
+    gguf = tmp_path / "pkg" / loading.SMOLLM2_GGUF
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_bytes(content)
+    monkeypatch.setattr(loading, "smollm2_gguf_path", lambda: gguf)
+    return gguf
+
+
+def test_concurrent_cache_builds_convert_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_gguf(tmp_path, monkeypatch, b"gguf")
+    calls: list[Path] = []
+    inside = threading.Semaphore(1)
+
+    def slow_convert(gguf: Path, out_dir: Path) -> None:
+        # Two converters inside at once would make this non-blocking acquire fail.
+        assert inside.acquire(blocking=False), "two conversions ran at the same time"
+        try:
+            calls.append(out_dir)
+            time.sleep(0.3)
+            (out_dir / "config.json").write_text("{}")
+        finally:
+            inside.release()
+
+    monkeypatch.setattr(loading, "_convert_gguf", slow_convert)
+    artifacts = tmp_path / "artifacts"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        dirs = list(pool.map(lambda _: loading.ensure_smollm2_cache(artifacts), range(3)))
+
+    assert len(calls) == 1
+    assert dirs == [loading.smollm2_cache_dir(artifacts)] * 3
+    assert (dirs[0] / "config.json").is_file()
+    assert sorted(p.name for p in dirs[0].parent.iterdir() if not p.name.endswith(".lock")) == [
+        loading.SMOLLM2_CACHE_NAME
+    ]
+
+
+def test_cache_is_rebuilt_when_the_gguf_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf = _fake_gguf(tmp_path, monkeypatch, b"old")
+    calls: list[bytes] = []
+
+    def convert(source: Path, out_dir: Path) -> None:
+        calls.append(source.read_bytes())
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    artifacts = tmp_path / "artifacts"
+    loading.ensure_smollm2_cache(artifacts)
+    loading.ensure_smollm2_cache(artifacts)
+    gguf.write_bytes(b"a newer, larger file")
+    loading.ensure_smollm2_cache(artifacts)
+
+    assert calls == [b"old", b"a newer, larger file"]
+
+
+def test_failed_conversion_leaves_no_cache_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_gguf(tmp_path, monkeypatch, b"gguf")
+
+    def broken(source: Path, out_dir: Path) -> None:
+        (out_dir / "partial.bin").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(loading, "_convert_gguf", broken)
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(ModelLoadError, match="disk full"):
+        resolve_model_dir("smollm2", artifacts)
+    base = loading.smollm2_cache_dir(artifacts).parent
+    assert [p.name for p in base.iterdir() if not p.name.endswith(".lock")] == []
