@@ -38,6 +38,7 @@ from app.ml.ppo import (  # shared plumbing; the algorithm itself is all here
     config_field,
     encode_prompts,
     freeze,
+    keep_last_logits,
     load_tokenizer,
     load_trainable_state,
     lora_config,
@@ -144,15 +145,19 @@ def completion_logps(
     completion_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Sum of log pi(token) over the completion positions of each right-padded sequence."""
+    # Logits only from the position before the earliest completion token: prompts need none.
+    first = int(completion_mask.float().argmax(-1).min().clamp(min=1)) - 1
+    keep = input_ids.shape[1] - first
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **keep_last_logits(keep),
     )
-    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logp * completion_mask[:, 1:].to(token_logp.dtype)).sum(-1)
+    logp = torch.log_softmax(out.logits[:, -keep:-1].float(), dim=-1)
+    token_logp = logp.gather(2, input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1)
+    return (token_logp * completion_mask[:, first + 1 :].to(token_logp.dtype)).sum(-1)
 
 
 def _as_pair(pair: PreferencePair | Mapping[str, Any]) -> PreferencePair:

@@ -453,11 +453,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # transformers 5 renamed `past_key_values` to `cache`; accept both so older pins keep working.
-_CACHE_KWARG = (
-    "cache"
-    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-    else "past_key_values"
+_FORWARD_PARAMS = inspect.signature(LlamaForCausalLM.forward).parameters
+_CACHE_KWARG = "cache" if "cache" in _FORWARD_PARAMS else "past_key_values"
+# Only the response positions need logits: skipping the prompt's saves a large share of the
+# lm_head work (49k x 576 per token for SmolLM2). Older releases spell it differently or lack it.
+_KEEP_KWARG = next(
+    (k for k in ("logits_to_keep", "num_logits_to_keep") if k in _FORWARD_PARAMS), None
 )
+
+
+def keep_last_logits(n: int) -> dict[str, int]:
+    """Forward kwargs that make a causal LM return logits for the last `n` positions only."""
+    return {_KEEP_KWARG: n} if _KEEP_KWARG else {}
 
 
 def _returned_cache(output: Any) -> Any:
@@ -487,7 +494,11 @@ def sample_responses(
     attention = query_mask.clone()
     positions = position_ids_from_mask(attention)
     out = model(
-        input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True
+        input_ids=query_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **keep_last_logits(1),
     )
     cache = _returned_cache(out)
     logits = out.logits[:, -1, :].float()
@@ -531,13 +542,16 @@ def forward_logprobs(
     Logits are divided by the sampling temperature so the ratio pi/pi_old and the KL compare
     the distribution that was actually sampled from. Optionally also the per-token entropy.
     """
+    response_length = query_responses.shape[1] - context_length
     out = model(
         input_ids=query_responses,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **keep_last_logits(response_length + 1),
     )
-    logits = out.logits[:, context_length - 1 : -1].float() / temperature
+    # Position ctx-1 predicts the first response token; the last position predicts nothing.
+    logits = out.logits[:, -(response_length + 1) : -1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     responses = query_responses[:, context_length:]
     logprobs = logp_all.gather(2, responses.unsqueeze(-1)).squeeze(-1)
@@ -644,7 +658,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters only (all of them, or just LoRA adapters and copied heads)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # No clone: torch.save serialises at once, and a copy would double peak memory.
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -910,9 +925,9 @@ def train_ppo(
         query_ids, query_mask = left_pad(queries, pad_id, device)
         context_length = query_ids.shape[1]
         with torch.no_grad():
-            chunks = []
+            chunks, sampled_logprobs = [], []
             for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
-                out, _ = sample_responses(
+                out, out_logprobs = sample_responses(
                     policy,
                     query_ids[sl],
                     query_mask[sl],
@@ -923,19 +938,16 @@ def train_ppo(
                     sample_gen,
                 )
                 chunks.append(out)
+                sampled_logprobs.append(out_logprobs)
             responses, mask = first_eos_truncate(_pad_right(chunks, pad_id), eos_id, pad_id)
+            # The sampler's log-probabilities are pi_old: the same network and temperature as the
+            # training forward (a test checks they agree), so no extra policy pass is needed.
+            logprobs = _pad_right(sampled_logprobs, 0.0) * mask
             query_responses = torch.cat([query_ids, responses], dim=1)
             attention_mask = torch.cat([query_mask, mask.long()], dim=1)
 
-            logprobs_l, ref_l, values_l = [], [], []
+            ref_l, values_l = [], []
             for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
-                lp, _ = forward_logprobs(
-                    policy,
-                    query_responses[sl],
-                    attention_mask[sl],
-                    context_length,
-                    config.temperature,
-                )
                 with ref_context():
                     ref_lp, _ = forward_logprobs(
                         ref_model,
@@ -945,11 +957,9 @@ def train_ppo(
                         config.temperature,
                     )
                 v = token_values(value_model, query_responses[sl], attention_mask[sl])
-                logprobs_l.append(lp)
                 ref_l.append(ref_lp)
                 values_l.append(v[:, context_length - 1 : -1])
-            logprobs, ref_logprobs = torch.cat(logprobs_l), torch.cat(ref_l)
-            values = torch.cat(values_l)
+            ref_logprobs, values = torch.cat(ref_l) * mask, torch.cat(values_l)
 
             lengths = mask.sum(1)
             has_eos = ((responses == eos_id) & mask).any(1)
