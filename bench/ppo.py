@@ -83,20 +83,67 @@ def load_prompts(n: int) -> list[str]:
     return prompts
 
 
-def summarise(rollout: list[tuple[int, float]], update: list[float], s: dict[str, Any]) -> dict:
-    """Throughput over the measured steps (the first is a warm-up when there are several)."""
-    if len(update) > 1:
-        rollout, update = rollout[1:], update[1:]
-    tokens = sum(t for t, _ in rollout)
-    rollout_s = sum(sec for _, sec in rollout)
-    update_s = sum(update)
-    return {
-        "rollout_tokens_per_s": tokens / rollout_s,
-        "update_samples_per_s": s["batch"] * s["epochs"] * len(update) / update_s,
-        "step_s": (rollout_s + update_s) / len(update),
-        "mean_response_tokens": tokens / (len(rollout) * s["batch"]),
-        "peak_memory_bytes": peak_memory_bytes(),
-    }
+class PhaseClock:
+    """Wall and CPU time of each step's rollout and update phases, and its response tokens.
+
+    Both implementations are timed at the same boundaries: the rollout starts at the first
+    sampling call of a step, the update at the first forward pass with gradients (TRL) or the
+    update function (ours), and the step ends when the update has finished.
+    """
+
+    def __init__(self) -> None:
+        self.rollout: list[tuple[float, float]] = []
+        self.update: list[tuple[float, float]] = []
+        self.tokens: list[int] = []
+        self._rollout_start: tuple[float, float] | None = None
+        self._update_start: tuple[float, float] | None = None
+        self._step_tokens = 0
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def sampled(self, tokens: int) -> None:
+        if self._rollout_start is None:
+            self._rollout_start = self.now()
+        self._step_tokens += tokens
+
+    def update_started(self) -> None:
+        if self._update_start is None and self._rollout_start is not None:
+            self._update_start = self.now()
+
+    def step_ended(self) -> None:
+        end = self.now()
+        assert self._rollout_start is not None and self._update_start is not None
+        r, u = self._rollout_start, self._update_start
+        self.rollout.append((u[0] - r[0], u[1] - r[1]))
+        self.update.append((end[0] - u[0], end[1] - u[1]))
+        self.tokens.append(self._step_tokens)
+        self._rollout_start = self._update_start = None
+        self._step_tokens = 0
+
+    def summary(self, s: dict[str, Any]) -> dict[str, Any]:
+        """Throughput over the measured steps (the first is a warm-up when there are several)."""
+        skip = 1 if len(self.update) > 1 else 0
+        rollout, update, tokens = self.rollout[skip:], self.update[skip:], self.tokens[skip:]
+        samples = s["batch"] * s["epochs"] * len(update)
+        return {
+            "rollout_tokens_per_s": sum(tokens) / sum(w for w, _ in rollout),
+            "rollout_tokens_per_cpu_s": sum(tokens) / sum(c for _, c in rollout),
+            "update_samples_per_s": samples / sum(w for w, _ in update),
+            "update_samples_per_cpu_s": samples / sum(c for _, c in update),
+            "step_s": (sum(w for w, _ in rollout) + sum(w for w, _ in update)) / len(update),
+            "mean_response_tokens": sum(tokens) / (len(tokens) * s["batch"]),
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
+
+
+def real_tokens(responses: Any, eos: int) -> int:
+    """Response tokens up to and including the first EOS, summed over rows."""
+    total = 0
+    for row in responses.tolist():
+        total += row.index(eos) + 1 if eos in row else len(row)
+    return total
 
 
 # ---- worker: ours ----------------------------------------------------------------------------
@@ -106,10 +153,10 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from app.ml.hooks import RecordingHooks
-    from app.ml.ppo import PPOConfig, train_ppo
+    from app.ml import ppo
 
-    config = PPOConfig(
+    torch.set_num_threads(args.threads)
+    config = ppo.PPOConfig(
         seed=SEED,
         total_steps=s["steps"],
         batch_size=s["batch"],
@@ -130,27 +177,36 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
         checkpoint_every=10**6,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
-    hooks = RecordingHooks()
+    clock = PhaseClock()
+    original_sample, original_update = ppo.sample_responses, ppo._ppo_update
+
+    def timed_sample(*a: Any, **kw: Any) -> Any:
+        out = original_sample(*a, **kw)
+        clock.sampled(real_tokens(out[0], a[5]))  # a[5]: eos_token_id
+        return out
+
+    def timed_update(*a: Any, **kw: Any) -> Any:
+        clock.update_started()
+        out = original_update(*a, **kw)
+        clock.step_ended()
+        return out
+
+    ppo.sample_responses, ppo._ppo_update = timed_sample, timed_update
     scratch = Path(tempfile.mkdtemp(dir=WORK, prefix="ours."))
     try:
-        train_ppo(
+        ppo.train_ppo(
             config,
             args.policy,
             args.reward,
             load_prompts(s["batch"] * s["steps"]),
             scratch / "out",
             scratch / "ckpt",
-            hooks,
+            None,
             resume=False,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    lengths = hooks.series("response/length")
-    rollout = [
-        (round(n * s["batch"]), sec)
-        for n, sec in zip(lengths, hooks.series("time/rollout"), strict=True)
-    ]
-    return summarise(rollout, hooks.series("time/update"), s)
+    return clock.summary(s)
 
 
 # ---- worker: TRL 1.12 --------------------------------------------------------------------------
@@ -169,6 +225,7 @@ def run_trl(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     tokenizer.padding_side = "left"
@@ -185,33 +242,24 @@ def run_trl(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
         )
     dataset = Dataset.from_dict({"input_ids": prompt_ids})
 
-    # Phase boundaries: the rollout starts with sampling; the update starts at the first forward
-    # pass with gradients; the step ends at `on_step_end`.
-    marks: dict[str, Any] = {"rollout": [], "update": [], "tokens": []}
-    state: dict[str, float] = {}
+    clock = PhaseClock()
     original_generation, original_forward = module.batch_generation, module.forward
 
     def timed_generation(model: Any, queries: Any, *rest: Any, **kw: Any) -> Any:
-        state["rollout_start"] = time.perf_counter()
-        state.pop("update_start", None)
         out = original_generation(model, queries, *rest, **kw)
-        responses = out[0][:, queries.shape[1] :]
-        for row in responses.tolist():
-            marks["tokens"].append(row.index(eos) + 1 if eos in row else len(row))
+        clock.sampled(real_tokens(out[0][:, queries.shape[1] :], eos))
         return out
 
     def timed_forward(model: Any, *rest: Any, **kw: Any) -> Any:
-        if torch.is_grad_enabled() and "update_start" not in state:
-            state["update_start"] = time.perf_counter()
+        if torch.is_grad_enabled():
+            clock.update_started()
         return original_forward(model, *rest, **kw)
 
     module.batch_generation, module.forward = timed_generation, timed_forward
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            end = time.perf_counter()
-            marks["rollout"].append(state["update_start"] - state["rollout_start"])
-            marks["update"].append(end - state["update_start"])
+            clock.step_ended()
 
     use_cuda = torch.cuda.is_available()
     policy = AutoModelForCausalLM.from_pretrained(args.policy)
@@ -269,12 +317,7 @@ def run_trl(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
         trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tokens = marks["tokens"]
-    rollout = [
-        (sum(tokens[i * s["batch"] : (i + 1) * s["batch"]]), sec)
-        for i, sec in enumerate(marks["rollout"])
-    ]
-    result = summarise(rollout, marks["update"], s)
+    result = clock.summary(s)
     result["trl_version"] = trl.__version__
     return result
 
@@ -321,11 +364,14 @@ def ensure_models() -> tuple[Path, Path]:
     return policy, rm_dir
 
 
-def run_variant(python: Path, impl: str, lora: bool, policy: Path, rm: Path, quick: bool) -> dict:
+def run_variant(
+    python: Path, impl: str, lora: bool, policy: Path, rm: Path, args: argparse.Namespace
+) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", impl]
+    cmd += ["--threads", str(args.threads)]
     cmd += ["--policy", str(policy), "--reward", str(rm)]
     cmd += ["--lora"] if lora else []
-    cmd += ["--quick"] if quick else []
+    cmd += ["--quick"] if args.quick else []
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -337,11 +383,14 @@ def run_variant(python: Path, impl: str, lora: bool, policy: Path, rm: Path, qui
     return result
 
 
-def markdown(results: list[dict], s: dict[str, Any], quick: bool, seconds: float) -> str:
+def markdown(
+    results: list[dict], s: dict[str, Any], args: argparse.Namespace, seconds: float
+) -> str:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     mem = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
+    flags = " --quick" if args.quick else ""
     lines = [
         "## PPO",
         "",
@@ -349,29 +398,35 @@ def markdown(results: list[dict], s: dict[str, Any], quick: bool, seconds: float
         "an **untrained** scalar head (scores are meaningless; throughput and memory are what is",
         "measured); value model initialised from it. Ours (`app/ml/ppo.py`) vs TRL 1.12",
         "`trl.experimental.ppo.PPOTrainer` (last release with PPO) in its own virtual environment,",
-        "same prompts (HH-RLHF harmless-base test, first human turns) and settings.",
+        "same prompts (HH-RLHF harmless-base test, first human turns) and settings. Each variant",
+        "runs in its own process; both are timed at the same phase boundaries.",
         "",
-        f"Command: `.venv/bin/python bench/ppo.py{' --quick' if quick else ''} --write-docs`"
-        f" ({'quick smoke settings, not the comparison' if quick else 'full settings'}).",
-        f"Machine: {device}, {os.cpu_count()} CPU cores (shared with other jobs), "
-        f"{platform.python_version()}, torch {torch.__version__}. Total wall time "
-        f"{seconds / 60:.1f} min.",
+        f"Command: `.venv/bin/python bench/ppo.py{flags} --write-docs`"
+        f" ({'quick smoke settings, not the comparison' if args.quick else 'full settings'}).",
+        f"Machine: {device}, {os.cpu_count()} CPU cores shared with other jobs, so each run uses "
+        f"{args.threads} torch thread(s) and throughput is also given per CPU-second, which "
+        f"contention changes far less than wall time. Python {platform.python_version()}, torch "
+        f"{torch.__version__}. Total wall time {seconds / 60:.1f} min.",
         f"Settings: batch {s['batch']} prompts, micro-batch {s['micro']}, {s['epochs']} PPO "
         f"epoch(s), up to {s['new_tokens']} new tokens, prompts cut to {s['prompt_tokens']} "
         f"tokens, temperature {COMMON['temperature']}, {s['steps']} step(s)"
-        f"{' (first one left out as warm-up)' if s['steps'] > 1 else ''}; LoRA r={LORA['r']}.",
+        f"{' (the first left out as warm-up)' if s['steps'] > 1 else ''}; LoRA r={LORA['r']} on "
+        "all linear layers.",
         "",
-        f"| implementation | LoRA | rollout tokens/s | update samples/s | step s | {mem} GiB |",
-        "|---|---|---|---|---|---|",
+        "| implementation | LoRA | rollout tok/s | rollout tok/CPU-s | update samples/s | "
+        f"update samples/CPU-s | step s | {mem} GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = "Verdict" if r["impl"] == "ours" else f"TRL {r.get('trl_version', '1.12')}"
+        uses_lora = "yes" if r["lora"] else "no"
         if "error" in r:
-            lines.append(f"| {name} | {'yes' if r['lora'] else 'no'} | failed | | | |")
+            lines.append(f"| {name} | {uses_lora} | failed | | | | | |")
             continue
         lines.append(
-            f"| {name} | {'yes' if r['lora'] else 'no'} | {r['rollout_tokens_per_s']:.1f} | "
-            f"{r['update_samples_per_s']:.2f} | {r['step_s']:.1f} | "
+            f"| {name} | {uses_lora} | {r['rollout_tokens_per_s']:.2f} | "
+            f"{r['rollout_tokens_per_cpu_s']:.2f} | {r['update_samples_per_s']:.3f} | "
+            f"{r['update_samples_per_cpu_s']:.3f} | {r['step_s']:.1f} | "
             f"{r['peak_memory_bytes'] / 2**30:.2f} |"
         )
     lines.append("")
@@ -379,15 +434,20 @@ def markdown(results: list[dict], s: dict[str, Any], quick: bool, seconds: float
         pair = {r["impl"]: r for r in results if r["lora"] == lora and "error" not in r}
         if {"ours", "trl"} <= set(pair):
             o, t = pair["ours"], pair["trl"]
+
+            def ratio(key: str, o: dict = o, t: dict = t) -> str:
+                return f"{o[key] / t[key]:.2f}x"
+
             lines.append(
-                f"- {'LoRA' if lora else 'Full fine-tuning'}: rollout "
-                f"{o['rollout_tokens_per_s'] / t['rollout_tokens_per_s']:.2f}x TRL, update "
-                f"{o['update_samples_per_s'] / t['update_samples_per_s']:.2f}x TRL, memory "
-                f"{o['peak_memory_bytes'] / t['peak_memory_bytes']:.2f}x TRL."
+                f"- {'LoRA' if lora else 'Full fine-tuning'}, ours / TRL: rollout "
+                f"{ratio('rollout_tokens_per_s')} (per CPU-s {ratio('rollout_tokens_per_cpu_s')}), "
+                f"update {ratio('update_samples_per_s')} "
+                f"(per CPU-s {ratio('update_samples_per_cpu_s')}), memory "
+                f"{ratio('peak_memory_bytes')}."
             )
-    errors = [r for r in results if "error" in r]
-    for r in errors:
-        lines.append(f"- {r['impl']} (LoRA {r['lora']}) failed: `{r['error'][-300:]!r}`")
+    for r in results:
+        if "error" in r:
+            lines.append(f"- {r['impl']} (LoRA {r['lora']}) failed: `{r['error'][-300:]!r}`")
     return "\n".join(lines) + "\n"
 
 
@@ -407,6 +467,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--skip-trl", action="store_true", help="only our implementation")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (default 1: shared cores)"
+    )
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--reward", help=argparse.SUPPRESS)
@@ -429,11 +492,11 @@ def main() -> None:
     for lora in (False, True):
         for impl, python in pythons.items():
             print(f"running {impl} (LoRA {lora}) ...", flush=True)
-            r = run_variant(python, impl, lora, policy, rm, args.quick)
+            r = run_variant(python, impl, lora, policy, rm, args)
             r.update(impl=impl, lora=lora)
             print(json.dumps(r), flush=True)
             results.append(r)
-    section = markdown(results, settings, args.quick, time.perf_counter() - started)
+    section = markdown(results, settings, args, time.perf_counter() - started)
     print(section)
     if args.write_docs:
         write_section(section)
