@@ -16,17 +16,25 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.db import make_engine
-from app.models import Assignment, ComparisonPair, Judgment, Project, User, utcnow
+from app.models import Assignment, Base, ComparisonPair, Judgment, Project, User, utcnow
 from app.services import assignment as svc
 from app.services import judgments
 from app.services.errors import Conflict, InvalidInput, NotFound
 from tests.conftest import Factory
+
+
+def count(factory: Factory, model: type[Base]) -> int:
+    """Rows now (ending the test session's read snapshot first)."""
+    factory.session.rollback()
+    return factory.count(model)
+
 
 T = TypeVar("T")
 VOTE = judgments.JudgmentInput(choice="a", strength=1)
 
 
 def leases_per_pair(session: Session) -> Counter[int]:
+    session.rollback()  # a new snapshot: test sessions are deferred
     session.expire_all()
     return Counter(session.scalars(sa.select(Assignment.pair_id).where(svc.is_live(utcnow()))))
 
@@ -42,7 +50,7 @@ def test_next_leases_a_pair_and_returns_the_same_one_while_live(factory: Factory
     assert first.pair.prompt.text == "A question?"  # content is loaded for rendering
     again = svc.next_assignment(factory.session, project, rater)
     assert again is not None and again.id == first.id
-    assert factory.count(Assignment) == 1
+    assert count(factory, Assignment) == 1
 
 
 def test_order_fewest_judgments_then_priority_then_oldest(factory: Factory) -> None:
@@ -75,7 +83,7 @@ def test_a_rater_never_gets_a_pair_twice_and_skips_never_return(factory: Factory
         seen.append(got.pair_id)
         judgments.submit(factory.session, got.id, rater, VOTE)
     assert sorted(seen) == sorted(p.id for p in pairs)
-    assert factory.count(Assignment) == 3
+    assert count(factory, Assignment) == 3
 
 
 def test_full_pairs_are_not_assigned(factory: Factory) -> None:
@@ -115,6 +123,7 @@ def test_release_expired_leases_marks_only_dead_leases(factory: Factory) -> None
     assert old and fresh and done
     judgments.submit(factory.session, done.id, done_rater, VOTE, now=t0 - timedelta(minutes=59))
     assert svc.release_expired_leases(factory.session, now=t0) == 1
+    factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     statuses = {a.id: a.status for a in factory.session.scalars(sa.select(Assignment)).all()}
     assert statuses == {old.id: "expired", fresh.id: "leased", done.id: "submitted"}
@@ -243,6 +252,7 @@ def many_raters(session: Session, n: int) -> list[User]:
 
 
 def _check_invariants(session: Session) -> None:
+    session.rollback()  # a new snapshot: test sessions are deferred
     session.expire_all()
     per_pair = leases_per_pair(session)
     judged = Counter(session.scalars(sa.select(Judgment.pair_id)))
@@ -310,7 +320,7 @@ def test_one_rater_calling_next_concurrently_gets_one_lease(
 
     ids = run_together(10, work)
     assert len(set(ids)) == 1 and ids[0] is not None
-    assert factory.count(Assignment) == 1
+    assert count(factory, Assignment) == 1
 
 
 def test_duplicate_concurrent_submits_store_one_row(
@@ -330,7 +340,8 @@ def test_duplicate_concurrent_submits_store_one_row(
 
     answers = run_together(8, work)
     assert len(set(answers)) == 1
-    assert factory.count(Judgment) == 1
+    assert count(factory, Judgment) == 1
+    factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     pair = factory.session.get(ComparisonPair, got.pair_id)
     assert pair is not None and pair.judgment_count == 1

@@ -7,13 +7,20 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from app.models import Assignment, ComparisonPair, Judgment, utcnow
+from app.models import Assignment, Base, ComparisonPair, Judgment, utcnow
 from app.services import assignment as svc
 from app.services import judgments
 from app.services.errors import Conflict, InvalidInput, NotFound
 from app.services.judgments import JudgmentInput, from_screen
 from app.services.projects import ProjectSettings
 from tests.conftest import Factory
+
+
+def count(factory: Factory, model: type[Base]) -> int:
+    """Rows now (ending the test session's read snapshot first)."""
+    factory.session.rollback()
+    return factory.count(model)
+
 
 SETTINGS = ProjectSettings()
 
@@ -95,6 +102,7 @@ def test_submit_stores_judgment_and_counts(factory: Factory) -> None:
     assert j.time_on_task_ms == 12_000
     assert j.active_ms == 12_000  # cannot exceed the time the lease was held
     assert j.shown_left == a.shown_left and j.gold_correct is None
+    factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     assert factory.session.get(ComparisonPair, pair.id).judgment_count == 1  # type: ignore[union-attr]
     assert factory.session.get(Assignment, a.id).status == "submitted"  # type: ignore[union-attr]
@@ -111,7 +119,7 @@ def test_submit_twice_is_idempotent_and_a_different_answer_conflicts(factory: Fa
     assert again.id == first.id
     with pytest.raises(Conflict):
         judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="a", strength=1))
-    assert factory.count(Judgment) == 1
+    assert count(factory, Judgment) == 1
 
 
 def test_submit_to_someone_elses_or_skipped_assignment(factory: Factory) -> None:
@@ -125,7 +133,7 @@ def test_submit_to_someone_elses_or_skipped_assignment(factory: Factory) -> None
     svc.skip_assignment(factory.session, a.id, rater, "no")
     with pytest.raises(Conflict):
         judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="tie"))
-    assert factory.count(Judgment) == 0
+    assert count(factory, Judgment) == 0
 
 
 def test_late_submit_is_stored_while_the_pair_has_room(factory: Factory) -> None:
@@ -157,7 +165,7 @@ def test_late_submit_after_the_pair_filled_up_is_refused(factory: Factory) -> No
     judgments.submit(factory.session, taken.id, quick, JudgmentInput(choice="tie"), now=later)
     with pytest.raises(Conflict, match="ran out"):
         judgments.submit(factory.session, late.id, slow, JudgmentInput(choice="tie"), now=later)
-    assert factory.count(Judgment) == 1
+    assert count(factory, Judgment) == 1
 
 
 def test_gold_correct_is_recorded_and_recomputed(factory: Factory) -> None:
@@ -171,10 +179,12 @@ def test_gold_correct_is_recorded_and_recomputed(factory: Factory) -> None:
     rows = dict(factory.session.execute(sa.select(Judgment.rater_id, Judgment.gold_correct)).all())
     assert rows == {right.id: True, wrong.id: False}
     judgments.set_gold(factory.session, pair.id, "b")
+    factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     rows = dict(factory.session.execute(sa.select(Judgment.rater_id, Judgment.gold_correct)).all())
     assert rows == {right.id: False, wrong.id: True}
     judgments.set_gold(factory.session, pair.id, None)
+    factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     assert set(factory.session.scalars(sa.select(Judgment.gold_correct))) == {None}
     with pytest.raises(InvalidInput):
