@@ -547,7 +547,7 @@ def _store_once(
         actor_id=actor_id,
         project_id=project.id,
         source=source,
-        **result.as_dict(),
+        counts=result.as_dict(),
     )
     session.commit()
     return result

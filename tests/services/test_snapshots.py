@@ -148,6 +148,7 @@ def test_trigger_waits_for_the_threshold_then_starts_one_run(
         with make() as s:
             target = s.get(Project, project.id)
             assert target is not None
+            s.commit()  # on SQLite, holding the transaction would hold the write lock
             barrier.wait()
             started.append(reward_runs.maybe_trigger_reward_run(s, target, settings))
 
