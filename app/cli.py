@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from alembic import command
@@ -174,6 +174,42 @@ def prompts_import(
     )
     if run is not None:
         typer.echo(f"queued generation run {run.id} (follow it: verdict runs watch {run.id})")
+
+
+@app.command("import")
+def import_preferences(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL, gzip or not")],
+    project: Annotated[str, typer.Option(help="project slug")],
+    format: Annotated[str, typer.Option(help="hh-rlhf, trl or auto")] = "auto",
+    source: Annotated[str, typer.Option(help="name the judgments are attributed to")] = "hh-rlhf",
+) -> None:
+    """Import preference pairs (HH-RLHF or TRL format) as complete comparisons."""
+    from app.services import imports
+
+    settings = get_settings()
+    if format not in imports.FORMATS:
+        err.print(f"[red]error:[/red] --format must be one of {', '.join(imports.FORMATS)}")
+        raise typer.Exit(1)
+    with session_scope() as session:
+        try:
+            target = projects.get_project(session, project)
+            records, skipped = imports.parse_preferences(
+                file.read_bytes(),
+                cast(imports.Format, format),
+                settings.max_upload_records,
+                settings.max_upload_bytes,
+            )
+            result = imports.store_preferences(
+                session, target, records, source=source, skipped=skipped
+            )
+        except ServiceError as exc:
+            fail(exc)
+    for item in result.skipped:
+        err.print(f"  skipped line {item['line']}: {item['reason']}", highlight=False)
+    typer.echo(
+        f"created {result.created}, duplicates {result.duplicates}, errors 0,"
+        f" skipped {len(result.skipped)}, prompts {result.prompts_created}"
+    )
 
 
 @app.command()

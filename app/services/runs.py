@@ -81,7 +81,10 @@ RUN_KINDS: dict[str, RunKind] = {
         resumable=True,
     ),
     "reward": RunKind(
-        "reward", None, unavailable="reward-model training is not implemented yet (issue 5)"
+        "reward",
+        handler="app.services.reward_runs:execute_reward_run",
+        validate="app.services.reward_runs:validate_reward_config",
+        resumable=True,
     ),
     "ppo": RunKind("ppo", None, unavailable="PPO policy runs are not implemented yet (issue 6)"),
     "dpo": RunKind("dpo", None, unavailable="DPO policy runs are not implemented yet (issue 6)"),
