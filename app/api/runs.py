@@ -140,9 +140,7 @@ def get_run(run_id: int, session: SessionDep, user: DataReader) -> RunDetail:
 
 
 @router.post("/runs/{run_id}/cancel", responses={409: {"description": "the run has ended"}})
-def cancel_run(
-    run_id: int, session: SessionDep, user: AdminUser, settings: SettingsDep
-) -> RunOut:
+def cancel_run(run_id: int, session: SessionDep, user: AdminUser, settings: SettingsDep) -> RunOut:
     """Cancel a run: a queued one ends now (its task is revoked), a running one stops at its
     next step."""
     run = runs.cancel_run(
