@@ -3,7 +3,12 @@ and a generation run executed in-process (the handler a worker would call)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from app.models import (
 )
 from app.services import generation, projects, prompts, registry, runs
 from app.services.errors import Conflict, InvalidInput
-from tests.conftest import Factory
+from tests.conftest import Factory, empty_all_tables, engine_for
 from tests.tiny_models import save_tiny_model
 
 
@@ -322,3 +327,74 @@ def test_a_failing_handler_marks_the_run_failed_and_reraises(
     assert row.error is not None and row.error.startswith(
         "ModelLoadError: Model spec 'not/a-local-dir'"
     )
+
+
+# --- the CLI over this service (real `verdict` processes) --------------------------------------
+
+
+def _verdict(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(sqlite_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    yield {
+        **os.environ,
+        "VERDICT_DATABASE_URL": sqlite_url,
+        "VERDICT_VAR_DIR": str(tmp_path / "var"),
+        "COLUMNS": "200",
+    }
+    empty_all_tables(sqlite_url)
+
+
+def test_cli_lists_watches_and_refuses_unknown_kinds(
+    cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(database_url=sqlite_url, var_dir=tmp_path / "var")
+    with Session(engine_for(sqlite_url), expire_on_commit=False) as session:
+        project = projects.create_project(session, "cli", "CLI")
+        failed = runs.create_run(session, project, "generate", settings=settings)
+        live = runs.create_run(session, project, "generate", settings=settings)
+    for run in (failed, live):
+        assert run.task_id is not None
+        with Session(engine_for(sqlite_url)) as session:
+            runs.claim_run(session, run.id, task_id=run.task_id, worker="w")
+    assert failed.task_id is not None and live.task_id is not None
+    runs.RunHooks(sqlite_url, failed.id, failed.task_id, heartbeat_interval_s=60).finish(
+        "failed", error="ModelLoadError: no such model"
+    )
+
+    listed = _verdict(cli_env, "runs", "list", "--project", "cli")
+    assert listed.returncode == 0, listed.stderr
+    assert "failed" in listed.stdout and "running" in listed.stdout
+
+    watch_failed = _verdict(cli_env, "runs", "watch", str(failed.id))
+    assert watch_failed.returncode == 1
+    assert "ModelLoadError: no such model" in watch_failed.stderr
+
+    # `watch` follows a live run and returns when it ends.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "runs", "watch", str(live.id), "--interval", "0.2"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hooks = runs.RunHooks(sqlite_url, live.id, live.task_id, heartbeat_interval_s=60)
+    hooks.progress(1, 2, "half way")
+    time.sleep(3)
+    assert watcher.poll() is None  # still watching a running run
+    hooks.finish("succeeded", result={"responses": 4})
+    out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    assert '"responses": 4' in out
+
+    unknown = _verdict(cli_env, "runs", "start", "--project", "cli", "--kind", "train")
+    assert unknown.returncode == 1 and "unknown run kind 'train'" in unknown.stderr
