@@ -574,6 +574,24 @@ def _build_cache(
 
 
 @torch.no_grad()
+def _check_split_forward(
+    model: PreTrainedModel, pair: EncodedPair, pad_id: int, n_frozen: int
+) -> None:
+    """`last_n` runs the decoder layer by layer; refuse a backbone where that is not what its
+    own forward computes (extra embedding scaling, other layer signatures, ...)."""
+    decoder = _decoder(model)
+    missing = [
+        a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, a)
+    ]
+    if missing:
+        raise ValueError(f"train_mode 'last_n' does not support this backbone (no {missing})")
+    rows = pack_pairs([pair], pad_id, model.device)
+    split = upper_rewards(model, lower_hidden_states(model, rows, n_frozen), rows, n_frozen)
+    if not torch.allclose(split, packed_rewards(model, rows), rtol=1e-3, atol=1e-3):
+        raise ValueError("train_mode 'last_n' does not reproduce this backbone's forward pass")
+
+
+@torch.no_grad()
 def _evaluate_set(
     model: PreTrainedModel,
     data: _PairSet,
@@ -679,6 +697,7 @@ def train_reward_model(
     train_seconds = 0.0
     if config.train_mode == "last_n":
         n_frozen = len(_decoder(model).layers) - config.last_n_layers  # type: ignore[arg-type]
+        _check_split_forward(model, train_set.pairs[0], pad_id, n_frozen)
         started = time.perf_counter()
         # The frozen lower part gives the same hidden states every epoch: compute them once.
         train_set.cache = _build_cache(model, train_set.pairs, pad_id, n_frozen, config.batch_size)

@@ -301,7 +301,7 @@ def test_split_by_prompt_uses_explicit_groups() -> None:
 
 
 def test_resume_after_cancel_equals_uninterrupted_run(backbone: Path, tmp_path: Path) -> None:
-    train, val = synthetic_examples(40, seed=0), synthetic_examples(16, seed=1)
+    train, val = synthetic_examples(24, seed=0), synthetic_examples(8, seed=1)
     config = tiny_config(
         backbone, epochs=2, grad_accumulation=2, batch_size=4, eval_every=2, warmup_ratio=0.2
     )
@@ -318,7 +318,7 @@ def test_resume_after_cancel_equals_uninterrupted_run(backbone: Path, tmp_path: 
             val,
             tmp_path / "b",
             ckpt_dir,
-            RecordingHooks(stop_after_progress=3),
+            RecordingHooks(stop_after_progress=4),
             snapshot_id=3,
         )
     assert (ckpt_dir / "checkpoint.pt").exists() and not (tmp_path / "b").exists()
@@ -330,8 +330,8 @@ def test_resume_after_cancel_equals_uninterrupted_run(backbone: Path, tmp_path: 
     )
 
     assert resumed.steps == straight.steps
-    assert [c[0] for c in resumed_hooks.progress_calls] == list(range(4, straight.steps + 1))
-    tail = straight_hooks.metric_calls[3:]
+    assert [c[0] for c in resumed_hooks.progress_calls] == list(range(5, straight.steps + 1))
+    tail = straight_hooks.metric_calls[4:]
     assert [s for s, _ in resumed_hooks.metric_calls] == [s for s, _ in tail]
     for (_, got), (_, want) in zip(resumed_hooks.metric_calls, tail, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
