@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch-heavy; imported inside the run only, never in the web
 logger = logging.getLogger(__name__)
 
 UPLOADED_RESPONSES_ENOUGH = 2
+MAX_IDS_IN_SQL = 500
 
 
 class GenerationConfig(BaseModel):
@@ -169,18 +170,25 @@ def prompts_needing_responses(
         .where(Prompt.project_id == project.id, func.coalesce(have.c.n, 0) < k)
         .order_by(Prompt.id)
     )
-    if cfg.prompt_ids is not None:
-        query = query.where(Prompt.id.in_(cfg.prompt_ids))
-    if cfg.limit is not None:
+    wanted = set(cfg.prompt_ids) if cfg.prompt_ids is not None else None
+    # A long id list (an upload of many prompts) would exceed SQLite's bound-parameter limit;
+    # filter it here instead.
+    in_sql = wanted is not None and len(wanted) <= MAX_IDS_IN_SQL
+    if in_sql:
+        query = query.where(Prompt.id.in_(sorted(wanted or ())))
+    if cfg.limit is not None and (wanted is None or in_sql):
         query = query.limit(cfg.limit)
     prompts = list(session.scalars(query))
+    if wanted is not None and not in_sql:
+        prompts = [p for p in prompts if p.id in wanted][: cfg.limit]
     existing: dict[int, list[int]] = {}
-    if prompts:
+    ids = [p.id for p in prompts]
+    for start in range(0, len(ids), MAX_IDS_IN_SQL):
         for pid, rid in session.execute(
             select(Response.prompt_id, Response.id)
             .where(
                 Response.model_version_id == policy.id,
-                Response.prompt_id.in_([p.id for p in prompts]),
+                Response.prompt_id.in_(ids[start : start + MAX_IDS_IN_SQL]),
             )
             .order_by(Response.id)
         ):
