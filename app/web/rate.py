@@ -130,10 +130,8 @@ def rate_next(request: Request, slug: str, session: SessionDep, user: WebUser) -
 def _form_answer(form: FormData, shown_left: str, aspects: list[str]) -> judgments.JudgmentInput:
     raw_scale = str(form.get("scale") or "")
     if not raw_scale.isdigit():
-        raise InvalidInput(
-            "pick a verdict first: keys 1-5, or 0 for both bad",
-            [FieldError(None, "scale", "missing")],
-        )
+        hint = "pick a verdict first: keys 1-5, or 0 for both bad"
+        raise InvalidInput(hint, [FieldError(None, "scale", hint)])
     raw_active = str(form.get("active_ms") or "")
     return judgments.from_screen(
         shown_left,
@@ -192,7 +190,9 @@ async def _act(
             message = "; ".join(e.message for e in exc.errors)
         # The form stays as the rater left it: only the status line is replaced.
         response = render(
-            request, "partials/rate_status.html", {"message": message, "slug": slug, "show_next": code == status.HTTP_409_CONFLICT},
+            request,
+            "partials/rate_status.html",
+            {"message": message, "slug": slug, "show_next": code == status.HTTP_409_CONFLICT},
             code,
         )
         response.headers["HX-Retarget"] = "#task-status"
