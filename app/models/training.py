@@ -10,7 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, JSONType, utcnow
 
-RUN_KINDS = ("generate", "reward", "ppo", "dpo", "evaluate")
+RUN_KINDS = ("generate", "reward", "ppo", "dpo", "evaluate", "score", "sample")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -20,7 +20,10 @@ class Run(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
-        CheckConstraint("kind IN ('generate', 'reward', 'ppo', 'dpo', 'evaluate')", name="kind"),
+        CheckConstraint(
+            "kind IN ('generate', 'reward', 'ppo', 'dpo', 'evaluate', 'score', 'sample')",
+            name="kind",
+        ),
         CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
         ),

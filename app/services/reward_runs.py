@@ -133,6 +133,8 @@ def execute_reward_run(ctx: runs.RunContext) -> dict[str, Any]:
     run.snapshot_id = snapshot.id
     session.commit()
     examples = snapshots.load_examples(session, snapshot)
+    # End every read before the hooks write: on SQLite an open transaction holds the write lock.
+    session.commit()
     train, val = split_by_prompt(examples, config.val_fraction, config.split_seed)
     ctx.log(
         f"snapshot {snapshot.id} ({snapshot.content_hash[:12]}): {len(examples)} pairs,"
@@ -144,6 +146,7 @@ def execute_reward_run(ctx: runs.RunContext) -> dict[str, Any]:
         )
 
     spec = config.backbone or registry.base_policy_spec(project, settings)
+    session.commit()
     backbone = loading.resolve_model_dir(
         spec, Path(settings.artifacts_dir), allow_hub=settings.allow_hub_downloads
     )

@@ -91,6 +91,17 @@ RUN_KINDS: dict[str, RunKind] = {
     "evaluate": RunKind(
         "evaluate", None, unavailable="evaluation runs are not implemented yet (issue 6)"
     ),
+    # Interactive calls of the API (scoring, the playground): short runs awaited by the caller.
+    "score": RunKind(
+        "score",
+        handler="app.services.interactive:execute_score_run",
+        validate="app.services.interactive:validate_score_config",
+    ),
+    "sample": RunKind(
+        "sample",
+        handler="app.services.interactive:execute_sample_run",
+        validate="app.services.interactive:validate_sample_config",
+    ),
 }
 
 
