@@ -202,6 +202,10 @@ def section(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Target, batch {best['batch_size']} ≥ 4× one-at-a-time in wall-clock tokens/s: "
         f"**{verdict}** ({wall_ratio:.2f}×; {cpu_ratio:.2f}× in tokens per CPU-second).",
         "",
+        "Batched at batch 1 does the same work per token as one-at-a-time (one sequence, KV "
+        "cache), so the gap between those two rows shows how far noise alone moves a figure on "
+        "this machine.",
+        "",
     ]
     if busiest > cores:
         lines += [
