@@ -1,0 +1,328 @@
+"""Rater hot path: N simulated raters doing next -> submit over HTTP against PostgreSQL.
+
+    .venv/bin/python bench/rater_hot_path.py                    # 20 raters, 20 s per phase
+    .venv/bin/python bench/rater_hot_path.py --write-docs       # and update docs/benchmarks.md
+
+Creates a fresh database (dropped afterwards), migrates it with `app.cli.upgrade_database`,
+seeds one project (overlap 3, gold rate 0.1) with enough pairs that the queue never runs dry,
+starts `uvicorn app.main:create_app --factory` as a subprocess and drives it with one
+`httpx.Client` per rater thread. Each rater loops GET `/assignments/next` then POST
+`/judgment` (bearer token auth, the API programmatic raters use). Then the same threads call
+`/readyz` (one `SELECT 1`, no auth) for the same time: the bare-endpoint baseline. Reported:
+p50/p99 latency of each call, judgments/s, and hot-path requests/s as a share of the bare
+endpoint's requests/s. Client and server share the machine, as they would in a load test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.cli import upgrade_database  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.db import make_engine  # noqa: E402
+from app.core.security import hash_password  # noqa: E402
+from app.models import ComparisonPair, Prompt, Response, User  # noqa: E402
+from app.services import projects, users  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get(
+    "VERDICT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Rater hot path"
+
+
+@dataclass
+class Samples:
+    next_ms: list[float] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    bare_ms: list[float] = field(default_factory=list)
+    empty: int = 0
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seed(url: str, pairs: int, raters: int) -> tuple[str, list[str]]:
+    engine = make_engine(url)
+    with sa.orm.Session(engine) as session:
+        project = projects.create_project(
+            session, "bench", "Bench", settings={"overlap": 3, "gold_rate": 0.1}
+        )
+        prompts = [
+            Prompt(project_id=project.id, text=f"Question {i}: explain item {i}.", source="bench")
+            for i in range(pairs)
+        ]
+        session.add_all(prompts)
+        session.flush()
+        responses = []
+        for p in prompts:
+            responses.append(Response(prompt_id=p.id, text=f"Answer A to {p.id}. " * 20))
+            responses.append(Response(prompt_id=p.id, text=f"Answer B to {p.id}. " * 20))
+        session.add_all(responses)
+        session.flush()
+        session.add_all(
+            ComparisonPair(
+                project_id=project.id,
+                prompt_id=p.id,
+                response_a_id=responses[2 * i].id,
+                response_b_id=responses[2 * i + 1].id,
+                required_judgments=3,
+                gold_choice="a" if i % 10 == 0 else None,
+            )
+            for i, p in enumerate(prompts)
+        )
+        password = hash_password(secrets.token_urlsafe(12))  # one hash: nobody logs in
+        rows = [
+            User(email=f"rater{i}@bench.example", password_hash=password, role="rater")
+            for i in range(raters)
+        ]
+        session.add_all(rows)
+        session.commit()
+        tokens = [users.create_token(session, row, "bench").secret for row in rows]
+    engine.dispose()
+    # Fresh planner statistics, as autovacuum would have them on a database in use.
+    stats = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with stats.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    stats.dispose()
+    return "bench", tokens
+
+
+def start_server(url: str, port: int, var_dir: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "VERDICT_DATABASE_URL": url,
+        "VERDICT_SECRET_KEY": secrets.token_urlsafe(48),
+        "VERDICT_VAR_DIR": var_dir,
+    }
+    cmd = [
+        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+def rater_loop(base: str, slug: str, token: str, until: float, out: Samples) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"choice": "a", "strength": 1, "aspects": {"honesty": "a"}, "active_ms": 1000}
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+        while time.monotonic() < until:
+            t0 = time.perf_counter()
+            got = client.get(f"/api/v1/projects/{slug}/assignments/next")
+            t1 = time.perf_counter()
+            if got.status_code == 204:
+                with out.lock:
+                    out.empty += 1
+                continue
+            if got.status_code != 200:
+                out.errors.append(f"next {got.status_code} {got.text[:200]}")
+                continue
+            sent = client.post(f"/api/v1/assignments/{got.json()['id']}/judgment", json=body)
+            t2 = time.perf_counter()
+            if sent.status_code != 200:
+                out.errors.append(f"submit {sent.status_code} {sent.text[:200]}")
+                continue
+            with out.lock:
+                out.next_ms.append((t1 - t0) * 1000)
+                out.submit_ms.append((t2 - t1) * 1000)
+
+
+def bare_loop(base: str, until: float, out: Samples) -> None:
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while time.monotonic() < until:
+            t0 = time.perf_counter()
+            got = client.get("/readyz")
+            t1 = time.perf_counter()
+            if got.status_code != 200:
+                out.errors.append(f"readyz {got.status_code}")
+                continue
+            with out.lock:
+                out.bare_ms.append((t1 - t0) * 1000)
+
+
+def run_threads(target: Callable[..., None], args: list[tuple[object, ...]]) -> None:
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--raters", type=int, default=20, help="concurrent raters (threads)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
+    parser.add_argument("--pairs", type=int, default=5000, help="pairs seeded (x3 judgments)")
+    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+
+    name = f"verdict_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    server = None
+    try:
+        upgrade_database(Settings(database_url=url))
+        slug, tokens = seed(url, args.pairs, args.raters)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryDirectory() as var_dir:
+            server = start_server(url, port, var_dir)
+            warm = Samples()
+            until = time.monotonic() + args.warmup
+            run_threads(rater_loop, [(base, slug, t, until, warm) for t in tokens])
+            hot = Samples()
+            t_start = time.monotonic()
+            until = t_start + args.seconds
+            run_threads(rater_loop, [(base, slug, t, until, hot) for t in tokens])
+            hot_elapsed = time.monotonic() - t_start
+            bare = Samples()
+            t_start = time.monotonic()
+            until = t_start + args.seconds
+            run_threads(bare_loop, [(base, until, bare)] * args.raters)
+            bare_elapsed = time.monotonic() - t_start
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=20)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    errors = hot.errors + bare.errors
+    judgments = len(hot.submit_ms)
+    hot_rps = (len(hot.next_ms) + len(hot.submit_ms)) / hot_elapsed
+    bare_rps = len(bare.bare_ms) / bare_elapsed
+    rows = [
+        ("GET next", hot.next_ms),
+        ("POST judgment", hot.submit_ms),
+        ("GET /readyz (bare)", bare.bare_ms),
+    ]
+    table = [
+        "| call | requests | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {label} | {len(v)} | {statistics.median(v):.1f} | {percentile(v, 99):.1f} |"
+            for label, v in rows
+        ),
+    ]
+    summary = [
+        f"- judgments/s: **{judgments / hot_elapsed:.1f}** ({judgments} in {hot_elapsed:.1f} s)",
+        f"- hot-path requests/s (next + submit): {hot_rps:.1f}; bare endpoint requests/s:"
+        f" {bare_rps:.1f}; ratio **{hot_rps / bare_rps:.0%}**",
+        f"- 204 (nothing left) answers: {hot.empty}; errors: {len(errors)}",
+        "- target (p99 <= 50 ms each, ratio >= 40 %): "
+        + ", ".join(
+            f"{label} {'met' if ok else 'MISSED'}"
+            for label, ok in (
+                ("next p99", percentile(hot.next_ms, 99) <= 50),
+                ("submit p99", percentile(hot.submit_ms, 99) <= 50),
+                ("throughput ratio", hot_rps / bare_rps >= 0.4),
+            )
+        ),
+    ]
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
+        f" {args.raters} raters, {args.seconds:.0f} s per phase after {args.warmup:.0f} s warm-up"
+    )
+    report = "\n".join([*table, "", *summary, "", f"Machine: {machine}."])
+    print(report)
+    for e in errors[:10]:
+        print("error:", e)
+    if args.write_docs:
+        write_docs(report, args)
+
+
+def write_docs(report: str, args: argparse.Namespace) -> None:
+    command = "    .venv/bin/python bench/rater_hot_path.py --write-docs"
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            "N simulated raters doing `GET /api/v1/projects/{slug}/assignments/next` then",
+            "`POST /api/v1/assignments/{id}/judgment` over HTTP (bearer tokens) against",
+            "PostgreSQL, one uvicorn process; then the same client threads on `/readyz` (one",
+            "`SELECT 1`, no auth) as the bare-endpoint baseline. Target: next and submit p99",
+            "<= 50 ms at 20 raters, and hot-path requests/s >= 40 % of the bare endpoint's.",
+            "",
+            command,
+            "",
+            report,
+            "",
+            "This machine has 2 cores shared with other engineers' test runs (load average 7-10",
+            "during the last run); the client threads run on the same cores as the server, so all",
+            "figures include that contention: even the bare endpoint's p99 is far above 50 ms.",
+            "",
+            "What limits the hot path, and what would close the gap:",
+            "",
+            "- Most likely CPU per request (the run kept both cores busy; not profiled in detail).",
+            "  `next` runs about eight statements (rater row lock, current lease, the claim,",
+            "  the room re-check, insert, commit, the content load) and `submit` about as many,",
+            "  each through the SQLAlchemy ORM, plus bearer-token auth, which `/readyz` skips.",
+            "  Folding the content load into the claim, the current-lease check into the rater",
+            "  lock, and the submit's counter update into one `UPDATE ... RETURNING` would remove",
+            "  about three of those round trips per call; more uvicorn worker processes use more",
+            "  cores on a bigger machine.",
+            "- The claim sorts all open pairs of the project (hash anti-joins make that linear).",
+            "  A migration adding an index on `comparison_pairs (project_id, judgment_count,",
+            "  priority DESC, created_at, id)` would let PostgreSQL stop at the first unlocked",
+            "  pair; it was not added because the schema is shared and this load is not there yet.",
+            "",
+        ]
+    )
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS.write_text(text.rstrip("\n") + "\n")
+    print(f"wrote {DOCS.relative_to(ROOT)} ({SECTION})")
+
+
+if __name__ == "__main__":
+    main()
