@@ -12,7 +12,17 @@ from sqlalchemy.orm import sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import Response
 
-from app.api import assignments, health, imports, models, projects, prompts, runs, users
+from app.api import (
+    assignments,
+    health,
+    imports,
+    models,
+    policies,
+    projects,
+    prompts,
+    runs,
+    users,
+)
 from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine
 from app.services.errors import InvalidInput, ServiceError
@@ -87,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
-    for module in (health, projects, prompts, users, assignments, runs, imports, models):
+    for module in (health, projects, prompts, users, assignments, runs, imports, models, policies):
         app.include_router(module.router)
     app.include_router(auth.router)
     app.include_router(pages.router)

@@ -46,6 +46,19 @@ class ProjectSettings(BaseModel):
     min_reward_accuracy: float = Field(0.6, ge=0.0, le=1.0)
     promote_min_score_gain: float = Field(0.0)
     promote_max_kl: float = Field(10.0, ge=0.0)
+    heldout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of prompts reserved for policy evaluation"
+    )
+    heldout_seed: int = Field(0, description="seeds which prompts are held out")
+    loop_ppo_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the PPO runs the closed loop starts"
+    )
+    loop_evaluate_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the evaluation runs after a policy run"
+    )
+    loop_generation_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the generation run after a promotion"
+    )
 
 
 def project_settings(project: Project) -> ProjectSettings:

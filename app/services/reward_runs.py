@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.models import DatasetSnapshot, ModelVersion, Project, Run
-from app.services import registry, runs, snapshots
+from app.services import loop, registry, runs, snapshots
 from app.services.errors import FieldError, InvalidInput
 from app.services.projects import project_settings
 
@@ -215,9 +215,11 @@ def execute_reward_run(ctx: runs.RunContext) -> dict[str, Any]:
         version.status = "candidate"
         session.commit()
     ctx.log(f"reward model v{version.version} saved ({version.status}); metrics {metrics}")
+    next_run = loop.after_reward_run(ctx, version)  # the closed loop: PPO in auto mode
     return {
         "model_version_id": version.id,
         "snapshot_id": snapshot.id,
         "metrics": metrics,
         "active": version.status == "active",
+        "ppo_run_id": next_run.id if next_run is not None else None,
     }

@@ -86,10 +86,23 @@ RUN_KINDS: dict[str, RunKind] = {
         validate="app.services.reward_runs:validate_reward_config",
         resumable=True,
     ),
-    "ppo": RunKind("ppo", None, unavailable="PPO policy runs are not implemented yet (issue 6)"),
-    "dpo": RunKind("dpo", None, unavailable="DPO policy runs are not implemented yet (issue 6)"),
+    "ppo": RunKind(
+        "ppo",
+        handler="app.services.policy_runs:execute_ppo_run",
+        validate="app.services.policy_runs:validate_ppo_config",
+        resumable=True,
+    ),
+    "dpo": RunKind(
+        "dpo",
+        handler="app.services.policy_runs:execute_dpo_run",
+        validate="app.services.policy_runs:validate_dpo_config",
+        resumable=True,
+    ),
     "evaluate": RunKind(
-        "evaluate", None, unavailable="evaluation runs are not implemented yet (issue 6)"
+        "evaluate",
+        handler="app.services.evaluation:execute_evaluate_run",
+        validate="app.services.evaluation:validate_evaluate_config",
+        resumable=True,
     ),
     # Interactive calls of the API (scoring, the playground): short runs awaited by the caller.
     "score": RunKind(

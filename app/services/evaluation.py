@@ -1,0 +1,258 @@
+"""Evaluation of candidate policies on held-out prompts, and the automatic promotion rule.
+
+    candidate ──evaluate run──► mean reward-model score, score gain over the parent,
+                                KL(candidate ‖ parent), sample responses ──► version.metrics
+
+Held-out prompts: each prompt of a project is held out or not by a hash of (seed, prompt id),
+so the split never depends on which other prompts exist. PPO never trains on a held-out prompt
+and DPO never on a judgment of one, and every evaluation of the project reads the same set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import ModelVersion, Project, Prompt
+from app.services import registry, runs
+from app.services.errors import Conflict, FieldError, InvalidInput
+from app.services.projects import ProjectSettings, project_settings
+from app.services.prompts import prompt_messages
+
+logger = logging.getLogger(__name__)
+
+MAX_IDS_IN_SQL = 500
+
+
+# --- held-out prompts --------------------------------------------------------------------------
+
+
+def is_heldout(prompt_id: int, fraction: float, seed: int) -> bool:
+    """Whether a prompt is reserved for evaluation: a stable hash draw below `fraction`."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_prompt_ids(ids: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train ids, held-out ids). With two or more prompts and `fraction > 0`, both sides get at
+    least one prompt, so a small project can still train and be evaluated."""
+    heldout = [i for i in ids if is_heldout(i, fraction, seed)]
+    if fraction > 0 and len(ids) >= 2:
+        if not heldout:
+            heldout = [min(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())]
+        if len(heldout) == len(ids):
+            heldout = heldout[1:]
+    held = set(heldout)
+    return [i for i in ids if i not in held], [i for i in ids if i in held]
+
+
+def project_prompt_split(
+    session: Session, project: Project, fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """The project's prompt ids split into (train, held-out), in id order."""
+    ids = list(
+        session.scalars(
+            select(Prompt.id).where(Prompt.project_id == project.id).order_by(Prompt.id)
+        )
+    )
+    return split_prompt_ids(ids, fraction, seed)
+
+
+def load_prompt_messages(session: Session, ids: list[int]) -> list[list[dict[str, str]]]:
+    """Chat messages of the prompts with these ids, in the order given."""
+    found: dict[int, list[dict[str, str]]] = {}
+    for start in range(0, len(ids), MAX_IDS_IN_SQL):
+        chunk = ids[start : start + MAX_IDS_IN_SQL]
+        for prompt in session.scalars(select(Prompt).where(Prompt.id.in_(chunk))):
+            found[prompt.id] = prompt_messages(prompt)
+    return [found[i] for i in ids if i in found]
+
+
+# --- the promotion rule ------------------------------------------------------------------------
+
+
+def promotion_rule(settings: ProjectSettings, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """The project's automatic promotion rule: score gain ≥ X and KL to the parent ≤ Y.
+
+    Returns (passed, a sentence saying why) for the run log and the version's metrics."""
+    gain, kl = metrics.get("score_gain"), metrics.get("kl_to_parent")
+    if gain is None or kl is None:
+        return False, "not evaluated yet"
+    min_gain, max_kl = settings.promote_min_score_gain, settings.promote_max_kl
+    gain_ok, kl_ok = float(gain) >= min_gain, float(kl) <= max_kl
+    verdict = (
+        f"score gain {float(gain):+.4f} {'>=' if gain_ok else '<'} {min_gain:g} and "
+        f"KL {float(kl):.4f} {'<=' if kl_ok else '>'} {max_kl:g}"
+    )
+    return gain_ok and kl_ok, verdict
+
+
+# --- the evaluate run --------------------------------------------------------------------------
+
+
+class EvaluateRunConfig(BaseModel):
+    """The `config` of an `evaluate` run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version_id: int = Field(description="the candidate policy version")
+    reward_model_id: int | None = Field(
+        None, description="reward model (default: the one the candidate was trained against, "
+        "else the project's active one)",
+    )  # fmt: skip
+    max_prompts: int = Field(32, ge=1, le=10_000, description="held-out prompts evaluated")
+    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="default: the project's")
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+    batch_size: int = Field(8, ge=1, le=512)
+    num_samples: int = Field(8, ge=0, le=64, description="sample responses kept")
+    seed: int = 0
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    return [
+        FieldError(None, "config." + ".".join(str(p) for p in e["loc"]), e["msg"])
+        for e in exc.errors()
+    ]
+
+
+def reward_model_for(
+    session: Session, project: Project, candidate: ModelVersion, reward_model_id: int | None
+) -> ModelVersion | None:
+    """The reward model that judges `candidate`: the given one, the one it was trained against,
+    else the project's active reward model (None when the project has none)."""
+    wanted = reward_model_id or candidate.reward_model_id
+    if wanted is not None:
+        reward = registry.get_version(session, wanted)
+        if reward.kind != "reward" or reward.project_id != project.id:
+            raise InvalidInput(
+                f"model version {wanted} is not a reward model of project {project.slug}",
+                [FieldError(None, "config.reward_model_id", "not a reward model of this project")],
+            )
+        if not reward.artifact_path or reward.status in ("pending", "failed"):
+            raise Conflict(f"reward model version {wanted} has no usable weights")
+        return reward
+    return session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.project_id == project.id,
+            ModelVersion.kind == "reward",
+            ModelVersion.status == "active",
+        )
+    )
+
+
+def validate_evaluate_config(
+    session: Session, project: Project, config: dict[str, Any]
+) -> dict[str, Any]:
+    """Check an `evaluate` run's config (422 with field errors) and return it normalised."""
+    try:
+        parsed = EvaluateRunConfig.model_validate(config)
+    except ValidationError as exc:
+        raise InvalidInput("invalid evaluate config", _field_errors(exc)) from exc
+    version = registry.get_version(session, parsed.model_version_id)
+    if version.kind != "policy" or version.project_id != project.id:
+        raise InvalidInput(
+            f"model version {version.id} is not a policy of project {project.slug}",
+            [FieldError(None, "config.model_version_id", "not a policy of this project")],
+        )
+    if version.parent_id is None or not version.artifact_path:
+        raise InvalidInput(
+            f"policy version {version.id} has no parent to compare with (the base policy)",
+            [FieldError(None, "config.model_version_id", "no parent")],
+        )
+    if version.status in ("pending", "failed"):
+        raise Conflict(f"policy version {version.id} is {version.status}; nothing to evaluate")
+    if reward_model_for(session, project, version, parsed.reward_model_id) is None:
+        raise InvalidInput(
+            "the project has no active reward model to evaluate with; train one first",
+            [FieldError(None, "config.reward_model_id", "no reward model")],
+        )
+    return parsed.model_dump()
+
+
+def execute_evaluate_run(ctx: runs.RunContext) -> dict[str, Any]:
+    """The `evaluate` run handler: candidate vs parent on held-out prompts, under the reward
+    model; the numbers go into the candidate's metrics, then the closed loop decides."""
+    from app.ml import loading
+    from app.ml.evaluation import evaluate_policy
+    from app.services import loop
+
+    session, settings = ctx.session, ctx.settings
+    config = EvaluateRunConfig.model_validate(ctx.config)
+    project = session.get(Project, ctx.project_id)
+    assert project is not None
+    ps = project_settings(project)
+    candidate = registry.get_version(session, config.model_version_id)
+    assert candidate.parent_id is not None and candidate.artifact_path
+    parent = registry.get_version(session, candidate.parent_id)
+    reward = reward_model_for(session, project, candidate, config.reward_model_id)
+    if reward is None or not reward.artifact_path:
+        raise Conflict("no reward model to evaluate with")
+    # The split the candidate was trained under (recorded on it), else the project's current one.
+    heldout = dict((candidate.metrics or {}).get("heldout") or {})
+    fraction = float(heldout.get("fraction", ps.heldout_fraction))
+    seed = int(heldout.get("seed", ps.heldout_seed))
+    _, heldout_ids = project_prompt_split(session, project, fraction, seed)
+    heldout_ids = heldout_ids[: config.max_prompts]
+    prompts = load_prompt_messages(session, heldout_ids)
+    parent_spec = registry.model_spec(parent)
+    reward_dir, candidate_dir = reward.artifact_path, candidate.artifact_path
+    session.commit()  # no transaction may stay open while models load and sample
+    if not prompts:
+        raise InvalidInput("the project has no held-out prompts to evaluate on")
+
+    artifacts = Path(settings.artifacts_dir)
+    parent_dir = loading.resolve_model_dir(
+        parent_spec, artifacts, allow_hub=settings.allow_hub_downloads
+    )
+    ctx.log(
+        f"evaluating policy v{candidate.version} against v{parent.version} on {len(prompts)}"
+        f" held-out prompts under reward model v{reward.version}"
+    )
+    result = evaluate_policy(
+        candidate_dir,
+        parent_dir,
+        reward_dir,
+        prompts,
+        max_new_tokens=config.max_new_tokens or min(ps.max_new_tokens, 256),
+        temperature=config.temperature,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_samples=config.num_samples,
+        device=str(loading.pick_device()),
+        hooks=ctx.hooks,
+    )
+    samples = result.pop("samples")
+    evaluation = {
+        **{k: float(v) for k, v in result.items()},
+        "reward_model_id": reward.id,
+        "parent_id": parent.id,
+        "run_id": ctx.run_id,
+        "heldout_prompt_ids": heldout_ids,
+    }
+    passed, why = promotion_rule(ps, evaluation)
+    session.refresh(candidate)
+    candidate.metrics = {
+        **(candidate.metrics or {}),
+        "score_gain": evaluation["score_gain"],
+        "kl_to_parent": evaluation["kl_to_parent"],
+        "mean_score": evaluation["mean_score"],
+        "evaluation": {**evaluation, "samples": samples},
+        "promotion_rule": {"passed": passed, "reason": why},
+    }
+    session.commit()
+    ctx.log(f"policy v{candidate.version}: {why} -> rule {'passed' if passed else 'not passed'}")
+    step = loop.after_evaluation(ctx, candidate, passed)
+    return {
+        "model_version_id": candidate.id,
+        "evaluation": evaluation,
+        "samples": samples,
+        "rule_passed": passed,
+        "rule": why,
+        **step,
+    }

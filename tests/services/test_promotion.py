@@ -1,0 +1,150 @@
+"""Promotion, rollback, the automatic rule and the held-out split, with the rows they leave."""
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import AuditEvent, ModelVersion, Project, Run
+from app.services import evaluation, loop, promotion, registry
+from app.services.errors import Conflict
+from app.services.projects import ProjectSettings
+from tests.conftest import Factory
+from tests.services.test_runs import broker_messages
+
+
+def _policy(
+    session: Session, project: Project, number: int, status: str, parent: ModelVersion | None
+) -> ModelVersion:
+    row = ModelVersion(
+        project_id=project.id, kind="policy", version=number, name=f"policy v{number}",
+        base_model="/models/base", artifact_path=f"/artifacts/policy-v{number}",
+        parent_id=parent.id if parent else None, status=status,
+    )  # fmt: skip
+    session.add(row)
+    session.commit()
+    return row
+
+
+@pytest.fixture
+def chain(
+    session: Session, factory: Factory, settings: Settings
+) -> tuple[Project, list[ModelVersion]]:
+    project = factory.project(base_policy="/models/base")
+    base = registry.ensure_base_policy(session, project, settings)
+    v1 = _policy(session, project, 1, "candidate", base)
+    v2 = _policy(session, project, 2, "candidate", v1)
+    return project, [base, v1, v2]
+
+
+def _statuses(session: Session, versions: list[ModelVersion]) -> list[str]:
+    session.expire_all()
+    out = [session.get(ModelVersion, v.id).status for v in versions]  # type: ignore[union-attr]
+    session.commit()
+    return out
+
+
+def _events(session: Session, action: str) -> list[AuditEvent]:
+    rows = list(session.scalars(sa.select(AuditEvent).where(AuditEvent.action == action)))
+    session.commit()
+    return rows
+
+
+def test_promote_archives_the_active_one_and_audits(
+    session: Session, factory: Factory, chain: tuple[Project, list[ModelVersion]]
+) -> None:
+    project, (base, v1, v2) = chain
+    admin = factory.user("admin")
+    promotion.promote(session, v1, actor_id=admin.id, reason="looks better")
+    assert _statuses(session, [base, v1, v2]) == ["archived", "active", "candidate"]
+    [event] = _events(session, "model.promote")
+    assert (event.actor_id, event.target_id) == (admin.id, v1.id)
+    assert event.data["previous_id"] == base.id and event.data["trigger"] == "admin"
+    assert event.data["reason"] == "looks better"
+
+    promotion.promote(session, v2, actor_id=None, trigger="auto")
+    assert _statuses(session, [base, v1, v2]) == ["archived", "archived", "active"]
+    assert registry.active_policy(session, project, Settings()).id == v2.id
+    assert [e.data["trigger"] for e in _events(session, "model.promote")] == ["admin", "auto"]
+
+
+def test_promote_refuses_active_pending_and_failed(
+    session: Session, chain: tuple[Project, list[ModelVersion]]
+) -> None:
+    project, (base, v1, _) = chain
+    with pytest.raises(Conflict, match="already active"):
+        promotion.promote(session, base, actor_id=None)
+    for status in ("pending", "failed"):
+        v1.status = status
+        session.commit()
+        with pytest.raises(Conflict, match=status):
+            promotion.promote(session, v1, actor_id=None)
+    assert _statuses(session, [base, v1]) == ["active", "failed"]
+    assert _events(session, "model.promote") == []
+
+
+def test_rollback_goes_to_any_earlier_version_only(
+    session: Session, chain: tuple[Project, list[ModelVersion]]
+) -> None:
+    _, (base, v1, v2) = chain
+    promotion.promote(session, v2, actor_id=None)
+    with pytest.raises(Conflict, match="not earlier"):
+        promotion.rollback(session, v2, actor_id=None)
+    promotion.rollback(session, base, actor_id=None, reason="regression")  # two steps back
+    assert _statuses(session, [base, v1, v2]) == ["active", "candidate", "archived"]
+    [event] = _events(session, "model.rollback")
+    assert event.data["previous_id"] == v2.id and event.data["version"] == 0
+    with pytest.raises(Conflict, match="not earlier"):
+        promotion.rollback(session, v1, actor_id=None)
+
+
+def test_lineage_walks_back_to_the_base(
+    session: Session, chain: tuple[Project, list[ModelVersion]]
+) -> None:
+    _, (base, v1, v2) = chain
+    assert [v.id for v in promotion.lineage(session, v2)] == [v1.id, base.id]
+    assert promotion.lineage(session, base) == []
+
+
+@pytest.mark.parametrize(
+    ("gain", "kl", "passed"),
+    [(0.5, 1.0, True), (0.1, 2.0, True), (0.09, 1.0, False), (0.5, 2.01, False), (None, 1, False)],
+)
+def test_promotion_rule(gain: float | None, kl: float, passed: bool) -> None:
+    settings = ProjectSettings(promote_min_score_gain=0.1, promote_max_kl=2.0)
+    metrics = {"kl_to_parent": kl} if gain is None else {"score_gain": gain, "kl_to_parent": kl}
+    ok, why = evaluation.promotion_rule(settings, metrics)
+    assert ok is passed
+    assert ("not evaluated" in why) if gain is None else ("score gain" in why and "KL" in why)
+
+
+def test_heldout_split_is_stable_and_keeps_both_sides() -> None:
+    ids = list(range(1, 201))
+    train, held = evaluation.split_prompt_ids(ids, 0.2, seed=3)
+    assert sorted(train + held) == ids and not set(train) & set(held)
+    assert 20 <= len(held) <= 60
+    # A prompt's side never depends on the other prompts: a subset splits the same way.
+    sub_train, sub_held = evaluation.split_prompt_ids(ids[::2], 0.2, seed=3)
+    assert set(sub_held) == set(held) & set(ids[::2])
+    assert evaluation.split_prompt_ids(ids, 0.2, seed=4)[1] != held
+    # Two prompts: one each side, whatever the draw.
+    for seed in range(5):
+        two_train, two_held = evaluation.split_prompt_ids([7, 9], 0.2, seed)
+        assert len(two_train) == len(two_held) == 1
+    assert evaluation.split_prompt_ids(ids, 0.0, 0) == (ids, [])
+
+
+def test_after_promotion_queues_a_generation_run_with_the_loop_config(
+    session: Session, factory: Factory, settings: Settings
+) -> None:
+    project = factory.project(base_policy="/models/base", loop_generation_config={"limit": 3})
+    base = registry.ensure_base_policy(session, project, settings)
+    v1 = _policy(session, project, 1, "candidate", base)
+    promotion.promote(session, v1, actor_id=None)
+    run = loop.after_promotion(session, project, v1, settings=settings, parent_run_id=None)
+    assert run is not None
+    row = session.get(Run, run.id)
+    assert row is not None and (row.kind, row.status, row.trigger) == ("generate", "queued", "auto")
+    assert row.config["limit"] == 3
+    assert broker_messages(settings) == 1
+    session.commit()
