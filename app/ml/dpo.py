@@ -42,6 +42,7 @@ from app.ml.ppo import (  # shared plumbing; the algorithm itself is all here
     load_tokenizer,
     load_trainable_state,
     lora_config,
+    make_adamw,
     position_ids_from_mask,
     resolve_device,
     resolve_dtype,
@@ -251,7 +252,7 @@ def train_dpo(
     policy.eval()  # dropout off: the implicit reward compares two passes of the same network
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = make_adamw(params, config.learning_rate)
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 

@@ -693,6 +693,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_adamw(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW without weight decay (RLHF fine-tuning should not shrink the start's weights),
+    with the fused kernel: one pass over parameters and moments instead of several, which on a
+    CPU saves a good share of each optimizer step for a full 135M-parameter policy + value."""
+    return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0, fused=True)
+
+
 def lora_config(r: int, alpha: int, target: str | list[str], task_type: str) -> Any:
     """A LoRA config with dropout 0: PPO ratios need the same network in rollout and update."""
     from peft import LoraConfig
@@ -845,7 +852,7 @@ def train_ppo(
         )
 
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps)
+    optimizer = make_adamw(params, config.learning_rate, config.adam_eps)
     kl_ctl: FixedKLController | AdaptiveKLController = (
         AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         if config.adaptive_kl
