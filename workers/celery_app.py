@@ -19,6 +19,7 @@ from app.services.dispatch import (
     GPU_QUEUE,
     REAP_TASK,
     RELEASE_LEASES_TASK,
+    TRIGGER_REWARD_TASK,
     broker_options,
     prepare_broker,
 )
@@ -41,6 +42,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     reap_every = reap_interval_s(settings)
     sweep_every = float(settings.lease_sweep_interval_s)
+    trigger_every = float(settings.reward_trigger_interval_s)
     conf: dict[str, Any] = {
         "task_queues": (Queue(GPU_QUEUE), Queue(DEFAULT_QUEUE)),
         "task_default_queue": DEFAULT_QUEUE,
@@ -64,6 +66,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "task": RELEASE_LEASES_TASK,
                 "schedule": sweep_every,
                 "options": {"queue": DEFAULT_QUEUE, "expires": sweep_every},
+            },
+            "trigger-reward-runs": {
+                "task": TRIGGER_REWARD_TASK,
+                "schedule": trigger_every,
+                "options": {"queue": DEFAULT_QUEUE, "expires": trigger_every},
             },
         },
     }

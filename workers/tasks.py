@@ -12,7 +12,7 @@ from celery.signals import worker_shutting_down
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.services import runs
-from app.services.dispatch import REAP_TASK, RELEASE_LEASES_TASK, RUN_TASK
+from app.services.dispatch import REAP_TASK, RELEASE_LEASES_TASK, RUN_TASK, TRIGGER_REWARD_TASK
 from workers.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -56,3 +56,12 @@ def release_expired_leases() -> Any:
         return None
     with session_scope() as session:
         return release(session)
+
+
+@celery_app.task(name=TRIGGER_REWARD_TASK)
+def trigger_reward_runs() -> list[int]:
+    """Queue a reward run for every project with enough new judgments (none already active)."""
+    from app.services.reward_runs import trigger_all_projects
+
+    with session_scope() as session:
+        return trigger_all_projects(session, get_settings())

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         120, description="a running run with no heartbeat for this long is reaped"
     )
     lease_sweep_interval_s: int = Field(30, description="how often expired leases are released")
+    reward_trigger_interval_s: int = Field(
+        60, description="how often projects are checked for enough new judgments to retrain"
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

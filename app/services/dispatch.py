@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 RUN_TASK = "verdict.execute_run"
 REAP_TASK = "verdict.reap_stale_runs"
 RELEASE_LEASES_TASK = "verdict.release_expired_leases"
+TRIGGER_REWARD_TASK = "verdict.trigger_reward_runs"
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"

@@ -28,7 +28,11 @@ from app.services import projects, prompts
 from tests.conftest import _unavailable, empty_all_tables, engine_for
 from tests.tiny_models import save_tiny_model
 
-REDIS_URL = os.environ.get("VERDICT_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+# One Redis database per test session (by process id), so two test runs on one machine never
+# consume, or flush, each other's task messages.
+REDIS_URL = os.environ.get(
+    "VERDICT_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
+)
 # Short, so a killed worker is noticed within seconds (the reaper runs every timeout/3).
 HEARTBEAT_TIMEOUT_S = 5
 WORKER_READY_TIMEOUT_S = 90

@@ -2,6 +2,8 @@
 through the API by the worker. Tiny random model; synthetic preference for a marker word."""
 
 import random
+import time
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +13,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.main import create_app
 from app.ml.reward import score_responses
-from app.models import ComparisonPair, DatasetSnapshot, Judgment, ModelVersion, Prompt, Response
+from app.models import (
+    ComparisonPair,
+    DatasetSnapshot,
+    Judgment,
+    ModelVersion,
+    Prompt,
+    Response,
+    Run,
+)
 from app.services import runs, users
 from tests.conftest import bearer
 from tests.workers.conftest import Stack
@@ -22,9 +32,9 @@ MARKER = "helpful"
 WORDS = ["yes", "no", "maybe", "good", "bad", "better", "worse", "honest", "sea", "poem"]
 
 
-def seed_judgments(live: Stack, n: int) -> int:
+def seed_judgments(live: Stack, n: int, **settings: Any) -> int:
     """A project whose rater always prefers the response containing the marker word."""
-    project = live.project(0, slug="rm", overlap=1)
+    project = live.project(0, slug="rm", overlap=1, **settings)
     rng = random.Random(0)
     with live.session() as s:
         rater = users.create_user(s, "rater@example.com", "long enough pw", "rater")
@@ -143,3 +153,26 @@ def test_reward_run_trains_registers_and_scores(live: Stack) -> None:
         )
         assert policy.status_code == 422 and "not a policy model" in policy.json()["detail"]
     app.state.engine.dispose()
+
+
+def test_beat_starts_a_reward_run_when_enough_judgments_arrive(live: Stack) -> None:
+    project_id = seed_judgments(live, 12, reward_retrain_threshold=10)
+    live.env["VERDICT_REWARD_TRIGGER_INTERVAL_S"] = "1"
+    live.start_beat()
+
+    def auto_run() -> Any:
+        with live.session() as s:
+            return s.scalar(select(Run).where(Run.project_id == project_id, Run.kind == "reward"))
+
+    from tests.workers.conftest import wait_for
+
+    run = wait_for(auto_run, 60, "the beat to queue a reward run", interval=0.5)
+    assert run.trigger == "auto"
+    done = live.wait_status(run.id, ("succeeded", "failed", "cancelled"), timeout=240)
+    assert done.status == "succeeded", (done.error, done.log_tail)
+    time.sleep(3)  # several more beats: the judgments are in the snapshot now, so no new run
+    with live.session() as s:
+        reward_runs = s.scalars(select(Run).where(Run.kind == "reward")).all()
+        version = s.scalar(select(ModelVersion).where(ModelVersion.run_id == run.id))
+    assert len(reward_runs) == 1
+    assert version is not None and version.kind == "reward"
