@@ -504,7 +504,8 @@ def upgrade() -> None:
         ),
         sa.Column("created_at", app.models.base.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
-            "(choice IN ('a', 'b') AND strength IN (1, 2)) OR (choice IN ('tie', 'both_bad') AND strength IS NULL)",
+            "(choice IN ('a', 'b') AND strength IN (1, 2))"
+            " OR (choice IN ('tie', 'both_bad') AND strength IS NULL)",
             name=op.f("ck_judgments_strength"),
         ),
         sa.CheckConstraint(

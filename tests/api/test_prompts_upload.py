@@ -113,10 +113,10 @@ def test_csv_upload_with_numbered_response_columns(
     client: TestClient, factory: Factory, project: Project, admin_headers: dict[str, str]
 ) -> None:
     content = (
-        "external_id,prompt,metadata,response_1,model_1,response_2,model_2\n"
-        'c1,"Say ""hi""",{"k": 1},Hi!,m1,"Hello,\nthere",m2\n'
-        "c2,Plain prompt,,,,,\n"
-    ).encode()
+        b"external_id,prompt,metadata,response_1,model_1,response_2,model_2\n"
+        b'c1,"Say ""hi""",{"k": 1},Hi!,m1,"Hello,\nthere",m2\n'
+        b"c2,Plain prompt,,,,,\n"
+    )
     response = upload_file(client, project, admin_headers, content, "p.csv", "text/csv")
     assert response.status_code == 200, response.text
     assert response.json()["created"] == 2 and response.json()["pairs_created"] == 1
@@ -144,7 +144,8 @@ BAD_JSONL = [
         "unknown role 'robot'",
     ),
     (
-        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+        b'{"messages": [{"role": "user", "content": "hi"},'
+        b' {"role": "assistant", "content": "yo"}]}\n',
         1,
         "messages",
         "last message must be from the user",
