@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,15 @@ def _candidate(
     return version, parent
 
 
+def _checkpoint_dir(ctx: runs.RunContext) -> Path:
+    """Where this run's checkpoints live. On a run's first attempt anything already there is
+    stale (a run id reused after a database was emptied) and must not be resumed from."""
+    path = Path(ctx.settings.artifacts_dir) / "runs" / str(ctx.run_id)
+    if ctx.attempt <= 1 and path.exists():
+        shutil.rmtree(path)
+    return path
+
+
 def _train(ctx: runs.RunContext, version: ModelVersion, train: Any) -> Any:
     """Call `train` (the ML function); on failure mark the candidate failed, except when the run
     was cancelled or the worker stopped: a requeued run resumes into the same version."""
@@ -316,6 +326,7 @@ def execute_ppo_run(ctx: runs.RunContext) -> dict[str, Any]:
         if table:
             ctx.log(f"step {step} sample (score {table[0]['score']:.3f}): {table[0]['response']!r}")
 
+    checkpoint_dir = _checkpoint_dir(ctx)
     started = time.perf_counter()
     result = _train(
         ctx,
@@ -326,7 +337,7 @@ def execute_ppo_run(ctx: runs.RunContext) -> dict[str, Any]:
             reward_dir,
             prompts,
             out_dir,
-            checkpoint_dir=Path(settings.artifacts_dir) / "runs" / str(ctx.run_id),
+            checkpoint_dir=checkpoint_dir,
             hooks=ctx.hooks,
             resume=True,
             on_samples=on_samples,
@@ -427,6 +438,7 @@ def execute_dpo_run(ctx: runs.RunContext) -> dict[str, Any]:
         f"DPO from policy v{parent.version} on snapshot {snapshot.id}"
         f" ({snapshot.content_hash[:12]}): {len(pairs)} pairs"
     )
+    checkpoint_dir = _checkpoint_dir(ctx)
     started = time.perf_counter()
     result = _train(
         ctx,
@@ -436,7 +448,7 @@ def execute_dpo_run(ctx: runs.RunContext) -> dict[str, Any]:
             policy_dir,
             pairs,
             out_dir,
-            checkpoint_dir=Path(settings.artifacts_dir) / "runs" / str(ctx.run_id),
+            checkpoint_dir=checkpoint_dir,
             hooks=ctx.hooks,
             resume=True,
         ),  # fmt: skip
