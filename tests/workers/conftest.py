@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,9 @@ from app.services import projects, prompts
 from tests.conftest import _unavailable, empty_all_tables, engine_for
 from tests.tiny_models import save_tiny_model
 
-# One Redis database per test session (by process id), so two test runs on one machine never
-# consume, or flush, each other's task messages.
-REDIS_URL = os.environ.get(
-    "VERDICT_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
-)
+# One Redis database per test session (claimed with a lock key, see `_redis_broker`), so two
+# test runs on one machine never consume, or flush, each other's task messages.
+REDIS_BASE = "redis://127.0.0.1:6379"
 # Short, so a killed worker is noticed within seconds (the reaper runs every timeout/3).
 HEARTBEAT_TIMEOUT_S = 5
 WORKER_READY_TIMEOUT_S = 90
@@ -187,16 +186,38 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
+REDIS_DBS = range(8, 16)
+LOCK_KEY = "verdict-test-session"
+
+
 def _redis_broker() -> str:
+    """A Redis database of our own: several test sessions share this machine's Redis, and a
+    worker of one session must never take another session's messages. Each session claims a
+    free database number (8-15) with a lock key, then flushes it."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        _unavailable("Redis", exc)
-    client.flushdb()
-    return REDIS_URL
+    if os.environ.get("VERDICT_TEST_REDIS_URL"):
+        return os.environ["VERDICT_TEST_REDIS_URL"]
+    owner = uuid.uuid4().hex
+    for number in REDIS_DBS:
+        url = f"{REDIS_BASE}/{number}"
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        try:
+            claimed = client.set(LOCK_KEY, owner, nx=True, ex=3600)
+        except redis.exceptions.RedisError as exc:
+            _unavailable("Redis", exc)
+        if claimed:
+            client.flushdb()
+            client.set(LOCK_KEY, owner, ex=3600)
+            return url
+    pytest.fail(f"no free Redis database among {REDIS_BASE}/8-15 (all held by other sessions)")
+
+
+def _release_redis(url: str) -> None:
+    import redis
+
+    if not os.environ.get("VERDICT_TEST_REDIS_URL"):
+        redis.Redis.from_url(url).flushdb()  # the lock key goes with it
 
 
 @pytest.fixture(scope="module", params=["redis", "sqlite"])
@@ -225,9 +246,7 @@ def stack(
     yield built
     built.stop_all()
     if request.param == "redis":
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()
+        _release_redis(broker_url)
 
 
 @pytest.fixture

@@ -109,17 +109,22 @@ def test_cancel_stops_a_running_run_and_drops_a_queued_one(live: Stack) -> None:
     assert 0 < len(stored) < 80 and len(stored) % 2 == 0
     assert len(_pairs(live)) == len(stored) // 2
 
-    # The worker receives the cancelled run's message and does not run it: Redis carries the
-    # revoke broadcast, so Celery discards the message; the SQLite broker has no broadcast, so
-    # the claim guard on the run row turns the delivery away.
+    # The worker receives the cancelled run's message and does not run it. Redis carries the
+    # revoke broadcast to the worker; whichever arrives first, Celery discards the message or
+    # the claim guard on the run row turns it away. The SQLite broker has no broadcast, so
+    # there the guard alone does it.
     worker = live.worker
     assert worker is not None
-    expected = (
-        f"Discarding revoked task: verdict.execute_run[{second.task_id}]"
-        if live.broker == "redis"
-        else f"run {second.id}: delivery of task {second.task_id} skipped"
+    discarded = f"Discarding revoked task: verdict.execute_run[{second.task_id}]"
+    guarded = f"run {second.id}: delivery of task {second.task_id} skipped"
+    wait_for(
+        lambda: discarded in worker.output() or guarded in worker.output(),
+        30,
+        "the worker to drop the queued run",
     )
-    wait_for(lambda: expected in worker.output(), 30, "the worker to drop the queued run")
+    if live.broker == "redis":
+        flagged = f"Tasks flagged as revoked: {second.task_id}"
+        wait_for(lambda: flagged in worker.output(), 30, "the revoke to reach the worker")
     row = live.run_row(second.id)
     assert row.status == "cancelled" and row.attempts == 0 and row.started_at is None
     assert all(r.generation_params["run_id"] == first.id for r in _responses(live))
