@@ -46,7 +46,7 @@ WORK = ROOT / "var" / "bench" / "ppo"
 HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
-FULL = {"steps": 2, "batch": 4, "micro": 2, "epochs": 2, "new_tokens": 32, "prompt_tokens": 96}
+FULL = {"steps": 3, "batch": 4, "micro": 2, "epochs": 2, "new_tokens": 32, "prompt_tokens": 96}
 QUICK = {"steps": 1, "batch": 2, "micro": 2, "epochs": 1, "new_tokens": 16, "prompt_tokens": 64}
 SEED = 0
 COMMON = {"temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0}
