@@ -154,6 +154,8 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 Row = tuple[int, int]  # (prompt index, sample index)
 # Below this many tokens, an extra forward pass for a shared prompt prefix costs more than it saves.
 MIN_SHARED_PREFIX = 8
+# Decode steps between two checks of `should_stop` inside a batch.
+STOP_CHECK_EVERY = 8
 
 
 def plan_batches(
@@ -298,8 +300,13 @@ def _decode_batch(
     pad_id: int,
     device: torch.device,
     stats: dict[str, float],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[Row, list[int], FinishReason]]:
-    """Decode one batch; yield each row's (row, token ids, finish reason) as soon as it ends."""
+    """Decode one batch; yield each row's (row, token ids, finish reason) as soon as it ends.
+
+    `should_stop` is polled every `STOP_CHECK_EVERY` tokens, so a cancel or a worker shutdown
+    does not wait for a long batch to finish; rows not yet finished are dropped (`Cancelled`).
+    """
     # Rows of the same prompt share its prefill: run each distinct prompt once, then copy its
     # cache and logits to every row of that prompt.
     unique = list(dict.fromkeys(prompt for prompt, _ in rows))
@@ -318,7 +325,9 @@ def _decode_batch(
     generators = [torch.Generator().manual_seed(row_seed(config.seed, p, k)) for p, k in rows]
     active = list(range(len(rows)))
     generated: list[list[int]] = [[] for _ in rows]
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):
+        if step and step % STOP_CHECK_EVERY == 0 and should_stop():
+            raise Cancelled(f"generation stopped mid-batch after {step} tokens")
         tokens = _next_tokens(logits, config, [generators[r] for r in active])
         keep: list[int] = []
         for slot, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
@@ -392,7 +401,15 @@ def generate_responses(
                 new_tokens = 0
                 stats = {"shared_prefix_tokens": 0.0, "padding_tokens": 0.0}
                 for (p, k), ids, reason in _decode_batch(
-                    forward, rows, prompt_ids, config, stop_ids, pad_id, device, stats
+                    forward,
+                    rows,
+                    prompt_ids,
+                    config,
+                    stop_ids,
+                    pad_id,
+                    device,
+                    stats,
+                    hooks.should_stop,
                 ):
                     results[p][k] = _make_response(tokenizer, ids, reason)
                     new_tokens += len(ids)

@@ -322,6 +322,40 @@ def test_cancel_between_batches_raises_cancelled() -> None:
     assert not model.training
 
 
+class StopOnCall:
+    """`should_stop` turns true at its n-th call; records how often it was asked."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def progress(self, done: int, total: int | None, message: str = "") -> None:
+        pass
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_cancel_inside_a_long_batch_does_not_wait_for_it_to_end() -> None:
+    tokenizer = make_tokenizer()
+    model = with_eos_bias(make_causal_lm(tokenizer), tokenizer.eos_token_id, -1e4)
+    hooks = StopOnCall(n=2)  # 1st call: before the batch; 2nd: inside it
+    delivered: list[int] = []
+
+    with pytest.raises(Cancelled, match="mid-batch"):
+        generate_responses(
+            (model, tokenizer),
+            PROMPTS,
+            SamplingConfig(num_responses=1, max_new_tokens=200, batch_size=16),
+            hooks=hooks,
+            on_prompt_done=lambda index, _: delivered.append(index),
+        )
+    assert delivered == [] and hooks.calls == 2
+
+
 def test_string_and_chat_message_prompts() -> None:
     tokenizer = make_tokenizer()
     model = make_causal_lm(tokenizer)
