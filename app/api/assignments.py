@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.deps import AdminUser, ProjectDep, SessionDep, require
 from app.models import Assignment, Judgment, User
 from app.services import assignment as assignment_service
-from app.services import judgments, policies
+from app.services import judgments, permissions
 from app.services.prompts import prompt_messages
 
 router = APIRouter(prefix="/api/v1", tags=["assignments"])
 
-Rater = Annotated[User, Depends(require(policies.can_rate, "rate comparisons"))]
+Rater = Annotated[User, Depends(require(permissions.can_rate, "rate comparisons"))]
 
 
 class ResponseOut(BaseModel):

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.security import same_token
 from app.models import Project, User
-from app.services import policies, projects, users
+from app.services import permissions, projects, users
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -96,14 +96,14 @@ def require(policy: Callable[[User], bool], what: str) -> Callable[[User], User]
     return dependency
 
 
-AdminUser = Annotated[User, Depends(require(policies.is_admin, "do this (admin only)"))]
+AdminUser = Annotated[User, Depends(require(permissions.is_admin, "do this (admin only)"))]
 DataReader = Annotated[
-    User, Depends(require(policies.can_read_data, "read project data (admin or reviewer)"))
+    User, Depends(require(permissions.can_read_data, "read project data (admin or reviewer)"))
 ]
 
 
 def get_project_dep(slug: str, session: SessionDep, user: CurrentUser) -> Project:
-    if not policies.can_view_project(user):
+    if not permissions.can_view_project(user):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="inactive user")
     return projects.get_project(session, slug)
 

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from app.api.deps import SessionDep, WebUser, check_csrf
 from app.models import Assignment, Project, User
 from app.services import assignment as assignment_service
-from app.services import judgments, policies, projects
+from app.services import judgments, permissions, projects
 from app.services.errors import FieldError, InvalidInput, ServiceError
 from app.services.projects import project_settings
 from app.services.prompts import prompt_messages
@@ -103,7 +103,7 @@ def _context(
 def _rater(user: User | None) -> User:
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "your session ended: log in again")
-    if not policies.can_rate(user):
+    if not permissions.can_rate(user):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "your account cannot rate")
     return user
 
