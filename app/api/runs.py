@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/v1", tags=["runs"])
 
 
 class RunCreate(BaseModel):
-    kind: Literal["generate", "reward", "ppo", "dpo"] = Field(
+    kind: Literal["generate", "reward", "ppo", "dpo", "evaluate"] = Field(
         description="what to run; only the implemented kinds are accepted (422 otherwise)"
     )
     config: dict[str, Any] = Field(
@@ -35,6 +35,8 @@ class RunOut(BaseModel):
     kind: str
     status: str
     trigger: str
+    parent_run_id: int | None
+    snapshot_id: int | None
     config: dict[str, Any]
     progress_done: int
     progress_total: int | None

@@ -128,7 +128,7 @@ def test_judgments_to_a_promoted_policy_that_writes_the_next_round(live: Stack) 
         generation = finished(client, evaluate["result"]["generation_run_id"])
         for run, parent in ((ppo, reward_run), (evaluate, ppo), (generation, evaluate)):
             assert run["trigger"] == "auto"
-            assert live.run_row(run["id"]).parent_run_id == parent["id"]
+            assert run["parent_run_id"] == parent["id"]  # the lineage, through the API
         assert len(runs_of(client, "ppo")) == len(runs_of(client, "evaluate")) == 1
 
         # Lineage and metrics of the promoted version, through the API.
