@@ -50,6 +50,9 @@ class ProjectSettings(BaseModel):
         0.2, ge=0.0, lt=1.0, description="share of prompts reserved for policy evaluation"
     )
     heldout_seed: int = Field(0, description="seeds which prompts are held out")
+    loop_reward_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the reward runs started automatically"
+    )
     loop_ppo_config: dict[str, Any] = Field(
         default_factory=dict, description="config of the PPO runs the closed loop starts"
     )

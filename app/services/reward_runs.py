@@ -88,7 +88,10 @@ def maybe_trigger_reward_run(session: Session, project: Project, settings: Setti
     )
     if new < threshold:
         return None
-    run = runs.create_run_if_idle(session, project, "reward", {}, settings=settings, trigger="auto")
+    config = dict(project_settings(project).loop_reward_config)
+    run = runs.create_run_if_idle(
+        session, project, "reward", config, settings=settings, trigger="auto"
+    )
     if run is not None:
         logger.info("project %s: %d new judgments, queued reward run %s", project.slug, new, run.id)
     return run

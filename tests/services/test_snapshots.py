@@ -41,7 +41,9 @@ def judge(
 
 @pytest.fixture
 def project(factory: Factory) -> Project:
-    return factory.project("snap", reward_retrain_threshold=3)
+    return factory.project(
+        "snap", reward_retrain_threshold=3, loop_reward_config={"train_mode": "lora"}
+    )
 
 
 def test_choices_become_pairs_with_margins_and_exclusions(
@@ -163,3 +165,4 @@ def test_trigger_waits_for_the_threshold_then_starts_one_run(
     assert factory.count(Run) == 1
     run = session.scalar(sa.select(Run))
     assert run is not None and (run.kind, run.status, run.trigger) == ("reward", "queued", "auto")
+    assert run.config["train_mode"] == "lora"  # the project's loop_reward_config
