@@ -104,13 +104,16 @@ def create_token(session: Session, user: User, name: str) -> IssuedToken:
 
 def user_for_token(session: Session, secret: str) -> User | None:
     """The active user a bearer token belongs to, or None if unknown, revoked or inactive."""
-    token = session.scalar(
-        select(ApiToken).where(ApiToken.token_hash == security.hash_api_token(secret))
-    )
-    if token is None or token.revoked_at is not None:
+    # One round trip for token and user: this runs on every API request.
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == security.hash_api_token(secret))
+    ).first()
+    if row is None:
         return None
-    user = session.get(User, token.user_id)
-    if user is None or not user.is_active:
+    token, user = row
+    if token.revoked_at is not None or not user.is_active:
         return None
     now = utcnow()
     if token.last_used_at is None or now - token.last_used_at > TOKEN_TOUCH_INTERVAL:
