@@ -373,15 +373,9 @@ def execute_dpo_run(ctx: runs.RunContext) -> dict[str, Any]:
     run = session.get(Run, ctx.run_id)
     assert project is not None and run is not None
     ps = project_settings(project)
-    if run.snapshot_id is not None:  # a resumed run keeps the snapshot it started with
-        snapshot = snapshots.get_snapshot(session, run.snapshot_id)
-    elif config.snapshot_id is not None:
-        snapshot = snapshots.get_snapshot(session, config.snapshot_id)
-    else:
-        snapshot = snapshots.create_snapshot(session, project, config.data)
-    run.snapshot_id = snapshot.id
-    session.commit()
-    examples = snapshots.load_examples(session, snapshot)
+    snapshot, examples = snapshots.snapshot_for_run(
+        session, project, run, config.snapshot_id, config.data
+    )
     _, heldout_ids = evaluation.project_prompt_split(
         session, project, ps.heldout_fraction, ps.heldout_seed
     )

@@ -127,17 +127,9 @@ def execute_reward_run(ctx: runs.RunContext) -> dict[str, Any]:
     run = session.get(Run, ctx.run_id)
     assert run is not None
 
-    if run.snapshot_id is not None:  # a resumed run keeps the snapshot it started with
-        snapshot = snapshots.get_snapshot(session, run.snapshot_id)
-    elif config.snapshot_id is not None:
-        snapshot = snapshots.get_snapshot(session, config.snapshot_id)
-    else:
-        snapshot = snapshots.create_snapshot(session, project, config.data)
-    run.snapshot_id = snapshot.id
-    session.commit()
-    examples = snapshots.load_examples(session, snapshot)
-    # End every read before the hooks write: on SQLite an open transaction holds the write lock.
-    session.commit()
+    snapshot, examples = snapshots.snapshot_for_run(
+        session, project, run, config.snapshot_id, config.data
+    )
     train, val = split_by_prompt(examples, config.val_fraction, config.split_seed)
     ctx.log(
         f"snapshot {snapshot.id} ({snapshot.content_hash[:12]}): {len(examples)} pairs,"

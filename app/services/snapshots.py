@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from app.ml.preferences import PreferenceExample
-from app.models import ComparisonPair, DatasetSnapshot, Judgment, Project, Prompt, Response
+from app.models import ComparisonPair, DatasetSnapshot, Judgment, Project, Prompt, Response, Run
 from app.services.errors import Conflict, InvalidInput, NotFound
 from app.services.prompts import prompt_messages
 
@@ -234,3 +234,29 @@ def list_snapshots(session: Session, project: Project) -> list[DatasetSnapshot]:
             .order_by(DatasetSnapshot.id)
         )
     )
+
+
+def snapshot_for_run(
+    session: Session,
+    project: Project,
+    run: Run,
+    snapshot_id: int | None,
+    config: SnapshotConfig,
+) -> tuple[DatasetSnapshot, list[PreferenceExample]]:
+    """The snapshot a training run trains on, and its pairs; the session's transaction ends.
+
+    A resumed run keeps the snapshot it started with; otherwise the one its config names, or a
+    new one of the project's judgments. The run row records it before training starts.
+    """
+    if run.snapshot_id is not None:
+        snapshot = get_snapshot(session, run.snapshot_id)
+    elif snapshot_id is not None:
+        snapshot = get_snapshot(session, snapshot_id)
+    else:
+        snapshot = create_snapshot(session, project, config)
+    run.snapshot_id = snapshot.id
+    session.commit()
+    examples = load_examples(session, snapshot)
+    # End the read: on SQLite an open transaction holds the write lock the run's hooks need.
+    session.commit()
+    return snapshot, examples
