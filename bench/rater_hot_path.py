@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import re
 import secrets
 import socket
@@ -178,7 +179,8 @@ def rater_loop(
                 out.next_ms.append((t1 - t0) * 1000)
                 out.submit_ms.append((t2 - t1) * 1000)
             if think_s:
-                time.sleep(think_s)
+                # Random pauses (mean think_s), so raters do not move in lockstep bursts.
+                time.sleep(random.expovariate(1 / think_s))
 
 
 def bare_loop(base: str, until: float, out: Samples) -> None:
