@@ -79,8 +79,6 @@ class ComparisonPair(Base):
             "gold_choice IS NULL OR gold_choice IN ('a', 'b', 'tie', 'both_bad')", name="gold"
         ),
         CheckConstraint("kind IN ('standard', 'version_eval')", name="kind"),
-        # The queue scan: open pairs of a project, fewest judgments first.
-        Index("ix_comparison_pairs_queue", "project_id", "judgment_count", "priority"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -101,3 +99,15 @@ class ComparisonPair(Base):
     prompt: Mapped[Prompt] = relationship()
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])
     response_b: Mapped[Response] = relationship(foreign_keys=[response_b_id])
+
+
+# The queue, in the order `next` hands pairs out (fewest judgments, highest priority, oldest):
+# the claim walks this index and stops at the first pair it may lease instead of sorting all.
+Index(
+    "ix_comparison_pairs_queue",
+    ComparisonPair.project_id,
+    ComparisonPair.judgment_count,
+    ComparisonPair.priority.desc(),
+    ComparisonPair.created_at,
+    ComparisonPair.id,
+)

@@ -21,11 +21,21 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, aliased, contains_eager, joinedload
+from sqlalchemy.orm.attributes import set_committed_value
 
-from app.models import Assignment, ComparisonPair, Judgment, Project, User, utcnow
+from app.models import (
+    Assignment,
+    ComparisonPair,
+    Judgment,
+    Project,
+    Response,
+    User,
+    utcnow,
+)
+from app.models.base import UTCDateTime
 from app.services.errors import Conflict, InvalidInput, NotFound
 from app.services.projects import project_settings
 
@@ -79,6 +89,23 @@ CONTENT = (
     joinedload(Assignment.pair).joinedload(ComparisonPair.response_a),
     joinedload(Assignment.pair).joinedload(ComparisonPair.response_b),
 )
+_ResponseA = aliased(Response)
+_ResponseB = aliased(Response)
+# A pair with everything a rater reads, in one row: the claim loads the prompt and both
+# responses along with the pair it locks, so rendering needs no query of its own.
+_PAIR_WITH_CONTENT = (
+    select(ComparisonPair)
+    .join(ComparisonPair.prompt)
+    .join(ComparisonPair.response_a.of_type(_ResponseA))
+    .join(ComparisonPair.response_b.of_type(_ResponseB))
+    .options(
+        contains_eager(ComparisonPair.prompt),
+        contains_eager(ComparisonPair.response_a.of_type(_ResponseA)),
+        contains_eager(ComparisonPair.response_b.of_type(_ResponseB)),
+    )
+    # A locked row must be read as it is now, also when the session already holds it.
+    .execution_options(populate_existing=True)
+)
 
 
 def _lock_rater(session: Session, rater_id: int) -> None:
@@ -103,16 +130,47 @@ def _current_lease(session: Session, project_id: int, rater_id: int, now: dateti
     )
 
 
-def _has_room(session: Session, pair_id: int, now: datetime) -> bool:
-    # Run as a new statement after the row lock is held: under READ COMMITTED it sees every
-    # lease committed by whoever held the lock before us, which the candidate query's older
-    # snapshot might not have seen.
-    room: bool | None = session.scalar(
-        select(
-            ComparisonPair.judgment_count + _live_leases(now) < ComparisonPair.required_judgments
-        ).where(ComparisonPair.id == pair_id)
+def _lease(
+    session: Session,
+    project_id: int,
+    pair_id: int,
+    rater_id: int,
+    *,
+    shown_left: str,
+    now: datetime,
+    expires_at: datetime,
+) -> Assignment | None:
+    """Lease the locked pair to the rater if it still has room; None if it has not.
+
+    One `INSERT ... SELECT ... WHERE <room> ... RETURNING` statement, run while the pair's row
+    lock is held: under READ COMMITTED a new statement sees every lease committed by whoever
+    held the lock before us, which the candidate query's older snapshot might not have seen.
+    Gold pairs are not capped. The new row comes back as an ORM object in the session.
+    """
+    has_room = or_(
+        ComparisonPair.gold_choice.is_not(None),
+        ComparisonPair.judgment_count + _live_leases(now) < ComparisonPair.required_judgments,
     )
-    return bool(room)
+    row = select(
+        literal(project_id),
+        ComparisonPair.id,
+        literal(rater_id),
+        literal("leased"),
+        literal(shown_left),
+        literal(now, UTCDateTime()),
+        literal(expires_at, UTCDateTime()),
+    ).where(ComparisonPair.id == pair_id, has_room)
+    columns = (
+        "project_id",
+        "pair_id",
+        "rater_id",
+        "status",
+        "shown_left",
+        "leased_at",
+        "expires_at",
+    )
+    stmt = insert(Assignment).from_select(columns, row).returning(Assignment)
+    return session.scalars(stmt).one_or_none()
 
 
 class _Full(Exception):
@@ -131,8 +189,10 @@ def _claim_pair(
     gold: bool,
     wait: bool,
     excluded: set[int],
-) -> int | None:
+) -> ComparisonPair | None:
     """Lock and return the best pair of one kind that this rater may lease, or None.
+
+    The pair comes with its prompt and responses loaded (same statement).
 
     Without `wait`, one `SELECT ... FOR UPDATE SKIP LOCKED` skips the pairs other transactions
     hold, so concurrent raters fan out over different pairs instead of queueing on the first
@@ -141,8 +201,7 @@ def _claim_pair(
     exactly one row and holds no other pair lock meanwhile. A plain `FOR UPDATE ... LIMIT 1`
     could keep a lock on a row that failed its re-check and wait on the next one: a deadlock.
 
-    Raises `_Full` when the locked pair turns out to have no room after all; the caller rolls
-    back (releasing the lock) and tries again without it.
+    Whether the locked pair still has room is checked by the insert of the lease (`_lease`).
     """
     # Live leases per pair of the project, computed once and hash-joined, rather than a
     # count subquery per candidate: there are few live leases and many candidate pairs.
@@ -164,31 +223,36 @@ def _claim_pair(
         )
     if excluded:
         conditions.append(ComparisonPair.id.not_in(excluded))
-    best = (
+    # The order of ix_comparison_pairs_queue: PostgreSQL walks the index and stops at the first
+    # pair that passes the conditions and is not locked, instead of sorting every open pair.
+    order = (
+        ComparisonPair.judgment_count,
+        ComparisonPair.priority.desc(),
+        ComparisonPair.created_at,
+        ComparisonPair.id,
+    )
+    if not wait:
+        claim = (
+            _PAIR_WITH_CONTENT.outerjoin(live, live.c.pair_id == ComparisonPair.id)
+            .where(*conditions)
+            .order_by(*order)
+            .limit(1)
+            .with_for_update(of=ComparisonPair, skip_locked=True)
+        )
+        return session.scalars(claim).first()
+    candidate = session.scalar(
         select(ComparisonPair.id)
         .outerjoin(live, live.c.pair_id == ComparisonPair.id)
         .where(*conditions)
-        .order_by(
-            ComparisonPair.judgment_count,
-            ComparisonPair.priority.desc(),
-            ComparisonPair.created_at,
-            ComparisonPair.id,
-        )
+        .order_by(*order)
         .limit(1)
     )
-    if not wait:
-        pair_id = session.scalar(best.with_for_update(of=ComparisonPair, skip_locked=True))
-    else:
-        candidate = session.scalar(best)
-        if candidate is None:
-            return None
-        session.execute(
-            select(ComparisonPair.id).where(ComparisonPair.id == candidate).with_for_update()
-        )
-        pair_id = candidate
-    if pair_id is not None and not gold and not _has_room(session, pair_id, now):
-        raise _Full(pair_id)
-    return pair_id
+    if candidate is None:
+        return None
+    locked = _PAIR_WITH_CONTENT.where(ComparisonPair.id == candidate).with_for_update(
+        of=ComparisonPair
+    )
+    return session.scalars(locked).one()
 
 
 def _get_with_content(session: Session, assignment_id: int) -> Assignment:
@@ -227,15 +291,15 @@ def next_assignment(
             if current is not None:
                 session.commit()
                 return _get_with_content(session, current)
-            pair_id = None
+            pair = None
             # The kind drawn first, then the other, so "nothing left" means nothing at all.
             for gold in (want_gold, not want_gold):
-                pair_id = _claim_pair(
+                pair = _claim_pair(
                     session, project.id, rater.id, now, gold=gold, wait=wait, excluded=excluded
                 )
-                if pair_id is not None:
+                if pair is not None:
                     break
-            if pair_id is None:
+            if pair is None:
                 if postgres and not wait:
                     # Every open pair may just be locked by other raters: look again, waiting
                     # this time, in a fresh transaction (dropping any locks SKIP LOCKED took).
@@ -244,18 +308,20 @@ def next_assignment(
                     continue
                 session.commit()
                 return None
-            assignment = Assignment(
-                project_id=project.id,
-                pair_id=pair_id,
-                rater_id=rater.id,
-                status="leased",
+            assignment = _lease(
+                session,
+                project.id,
+                pair.id,
+                rater.id,
                 shown_left=rng.choice(("a", "b")),
-                leased_at=now,
+                now=now,
                 expires_at=now + timedelta(seconds=settings.lease_ttl_s),
             )
-            session.add(assignment)
+            if assignment is None:
+                raise _Full(pair.id)
+            set_committed_value(assignment, "pair", pair)  # loaded already, with its content
             session.commit()
-            return _get_with_content(session, assignment.id)
+            return assignment
         except _Full as full:
             session.rollback()
             excluded.add(full.pair_id)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.models import Assignment, ComparisonPair, Judgment, Project, User, utcnow
 from app.models.projects import CHOICES
 from app.services import audit
-from app.services.assignment import get_own_assignment, is_live
+from app.services.assignment import is_live
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.services.projects import ProjectSettings, project_settings
 
@@ -169,6 +169,33 @@ def _existing(session: Session, assignment_id: int) -> Judgment | None:
     return session.scalar(select(Judgment).where(Judgment.assignment_id == assignment_id))
 
 
+def _lock_own_assignment(
+    session: Session, assignment_id: int, rater: User
+) -> tuple[Assignment, Project]:
+    """The rater's assignment, row-locked, with its project (one statement); else NotFound."""
+    row = session.execute(
+        select(Assignment, Project)
+        .join(Project, Project.id == Assignment.project_id)
+        .where(Assignment.id == assignment_id)
+        .with_for_update(of=Assignment)
+        .execution_options(populate_existing=True)
+    ).first()
+    if row is None or row[0].rater_id != rater.id:
+        raise NotFound(f"assignment {assignment_id} not found")
+    return row[0], row[1]
+
+
+def _count_judgment(session: Session, pair_id: int) -> str | None:
+    """Add one to the pair's `judgment_count` (row-locking the pair); its gold answer."""
+    gold_choice: str | None = session.execute(
+        update(ComparisonPair)
+        .where(ComparisonPair.id == pair_id)
+        .values(judgment_count=ComparisonPair.judgment_count + 1)
+        .returning(ComparisonPair.gold_choice)
+    ).scalar_one()
+    return gold_choice
+
+
 def submit(
     session: Session,
     assignment_id: int,
@@ -181,37 +208,43 @@ def submit(
 
     Idempotent by assignment: submitting the same answer again (also at the same moment)
     returns the stored judgment; a different answer is a Conflict. The assignment row lock
-    serializes submits of one assignment; the pair row lock keeps `judgment_count` exact and
-    makes the "still needs judgments" check of a late submit race-free. A submit after the
-    lease ran out is stored if the pair still has a free place (judgments plus other raters'
-    live leases below `required_judgments`; gold pairs always); otherwise Conflict.
+    serializes submits of one assignment; the pair row lock (taken by the counter update, or
+    first of all for a late submit) keeps `judgment_count` exact and makes the "still needs
+    judgments" check of a late submit race-free. A submit after the lease ran out is stored if
+    the pair still has a free place (judgments plus other raters' live leases below
+    `required_judgments`; gold pairs always); otherwise Conflict.
     """
     now = now or utcnow()
     try:
-        assignment = get_own_assignment(session, assignment_id, rater, for_update=True)
-        project = session.get(Project, assignment.project_id)
-        if project is None:  # the project was deleted under us
-            raise NotFound(f"assignment {assignment_id} not found")
+        assignment, project = _lock_own_assignment(session, assignment_id, rater)
         clean = validate(data, project_settings(project))
-        existing = _existing(session, assignment.id)
-        if existing is not None:
-            judgment = _replay(existing, clean)
-            session.commit()
-            return judgment
+        if assignment.status == "submitted":
+            # Only a submit stores a judgment with an assignment, and it marks the assignment
+            # submitted in the same transaction. Read by a new statement: if the lock above
+            # waited for that submit, the locking statement's snapshot predates its judgment.
+            existing = _existing(session, assignment.id)
+            if existing is not None:
+                judgment = _replay(existing, clean)
+                session.commit()
+                return judgment
         if assignment.status == "skipped":
             raise Conflict("you skipped this comparison; a skipped comparison cannot be judged")
-        pair = session.scalars(
-            select(ComparisonPair)
-            .where(ComparisonPair.id == assignment.pair_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()
         live = assignment.status == "leased" and assignment.expires_at > now
-        if not live and pair.gold_choice is None:
-            _check_room_for_late_submit(session, assignment, pair, now)
+        if not live:
+            # The lease no longer holds a place: lock the pair, then count in a new statement.
+            pair = session.scalars(
+                select(ComparisonPair)
+                .where(ComparisonPair.id == assignment.pair_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).one()
+            if pair.gold_choice is None:
+                _check_room_for_late_submit(session, assignment, pair, now)
+        # A live lease already counts in the pair's total; judging turns it into a judgment.
+        gold_choice = _count_judgment(session, assignment.pair_id)
         judgment = Judgment(
             project_id=assignment.project_id,
-            pair_id=pair.id,
+            pair_id=assignment.pair_id,
             rater_id=rater.id,
             assignment_id=assignment.id,
             choice=clean.choice,
@@ -222,7 +255,7 @@ def submit(
             shown_left=assignment.shown_left,
             time_on_task_ms=max(0, int((now - assignment.leased_at).total_seconds() * 1000)),
             active_ms=clean.active_ms,
-            gold_correct=None if pair.gold_choice is None else clean.choice == pair.gold_choice,
+            gold_correct=None if gold_choice is None else clean.choice == gold_choice,
             source="rater",
             created_at=now,
         )
@@ -232,11 +265,6 @@ def submit(
         session.add(judgment)
         assignment.status = "submitted"
         assignment.completed_at = now
-        session.execute(
-            update(ComparisonPair)
-            .where(ComparisonPair.id == pair.id)
-            .values(judgment_count=ComparisonPair.judgment_count + 1)
-        )
         session.commit()
     except IntegrityError as exc:
         # Only reachable if a judgment for this (pair, rater) arrived by another way (an
