@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop_ppo_config": {
             "total_steps": 2 if args.quick else args.ppo_steps, "batch_size": 8,
             "mini_batch_size": 4, "ppo_epochs": 2, "use_lora": not args.quick,
-            "learning_rate": 1e-3 if args.quick else 2e-4, "kl_coef": 0.05,
+            "learning_rate": 1e-3 if args.quick else args.ppo_lr, "kl_coef": 0.05,
             "temperature": 0.9, "missing_eos_penalty": 1.0,
         },
         "loop_evaluate_config": {"max_prompts": 16, "batch_size": 8, "temperature": 0.9},
@@ -422,8 +422,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, no docs")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ppo-steps", type=int, default=12)
+    parser.add_argument("--ppo-lr", type=float, default=3e-4, help="PPO learning rate (LoRA)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary var directory")
     args = parser.parse_args()
     if args.quick:

@@ -29,6 +29,7 @@ a response is always the first EOS found by position, never "the first pad".
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -562,6 +563,27 @@ def forward_logprobs(
     return logprobs, entropy
 
 
+def trim_padding(
+    query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Drop the columns that are padding in every row of a (micro-)batch.
+
+    A rollout batch is as wide as its longest prompt plus its longest response; a slice of it
+    usually is not. Leading all-pad columns (its prompts are shorter than the batch's longest)
+    and trailing ones (all its responses ended early) are masked out of attention, and
+    positions come from the mask, so the kept columns score exactly as before while the slice
+    stops paying for its neighbours' lengths. Returns `(ids, mask, context_length,
+    response_length)` of the trimmed slice; per-token tensors keep their first
+    `response_length` columns.
+    """
+    real = attention_mask.bool().any(0)
+    first = int(real[:context_length].int().argmax())
+    # The first response token is real in every row, so the response keeps at least one column.
+    last = max(int(real.nonzero().max()) + 1, context_length + 1)
+    ids, mask = query_responses[:, first:last], attention_mask[:, first:last]
+    return ids, mask, context_length - first, last - context_length
+
+
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a sequence-classification model (optionally wrapped by peft) into body and head."""
     inner: Any = model
@@ -640,6 +662,46 @@ class RewardModelScorer:
                 values = token_values(self.model, input_ids, mask)
             scores.append(values[torch.arange(len(chunk)), last_true_index(mask)])
         return torch.cat(scores)
+
+
+class MergedLoraSampler:
+    """A frozen copy of the base policy whose adapted weights are `W + ΔW` of the LoRA policy.
+
+    Sampling token by token through peft's LoRA layers adds two small matmuls, a scale and an
+    add to every linear layer at every step; on a CPU that per-op cost is a large share of a
+    decode step. The rollout samples from this merged copy instead. `sync()` rewrites each
+    adapted weight from the untouched base plus the current adapter delta, so nothing drifts
+    (merging into the live base and unmerging again would not round-trip exactly in float).
+    The copy costs one more set of policy weights, which LoRA saved many times over.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        self.model = freeze(copy.deepcopy(base))
+        self._pairs: list[tuple[Any, nn.Linear]] = []
+
+    def attach(self, peft_policy: Any) -> None:
+        """Pair each LoRA layer of the wrapped policy with the copy's plain linear layer."""
+        from peft.tuners.lora import LoraLayer
+
+        inner = peft_policy.get_base_model()
+        names = {id(m): n for n, m in inner.named_modules()}
+        for module in inner.modules():
+            if isinstance(module, LoraLayer):
+                target = self.model.get_submodule(names[id(module)])
+                assert isinstance(target, nn.Linear), f"LoRA on {type(target).__name__}"
+                self._pairs.append((module, target))
+        if not self._pairs:
+            raise ValueError("the LoRA policy has no adapted linear layers")
+
+    @torch.no_grad()
+    def sync(self) -> nn.Module:
+        for lora_layer, target in self._pairs:
+            delta = sum(
+                (lora_layer.get_delta_weight(name) for name in lora_layer.active_adapters),
+                torch.zeros_like(target.weight),
+            )
+            target.weight.copy_(lora_layer.base_layer.weight + delta)
+        return self.model
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -736,8 +798,10 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _pad_right(tensors: list[torch.Tensor], value: float | int) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
+def _pad_right(
+    tensors: list[torch.Tensor], value: float | int, width: int | None = None
+) -> torch.Tensor:
+    width = width or max(t.shape[1] for t in tensors)
     return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
 
@@ -809,13 +873,16 @@ def train_ppo(
     )
     value_model.to(device)
     shares_reward_weights = False
+    merged_sampler: MergedLoraSampler | None = None
     if config.use_lora:
         from peft import get_peft_model
 
+        merged_sampler = MergedLoraSampler(policy)
         policy = get_peft_model(
             policy,
             lora_config(config.lora_r, config.lora_alpha, config.lora_target_modules, "CAUSAL_LM"),
         )
+        merged_sampler.attach(policy)
         # SEQ_CLS makes peft keep a trainable copy of the scalar head next to the frozen one.
         value_model = get_peft_model(
             value_model,
@@ -932,10 +999,11 @@ def train_ppo(
         query_ids, query_mask = left_pad(queries, pad_id, device)
         context_length = query_ids.shape[1]
         with torch.no_grad():
+            sampler = policy if merged_sampler is None else merged_sampler.sync()
             chunks, sampled_logprobs = [], []
             for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
                 out, out_logprobs = sample_responses(
-                    policy,
+                    sampler,
                     query_ids[sl],
                     query_mask[sl],
                     config.max_new_tokens,
@@ -947,26 +1015,25 @@ def train_ppo(
                 chunks.append(out)
                 sampled_logprobs.append(out_logprobs)
             responses, mask = first_eos_truncate(_pad_right(chunks, pad_id), eos_id, pad_id)
-            # The sampler's log-probabilities are pi_old: the same network and temperature as the
-            # training forward (a test checks they agree), so no extra policy pass is needed.
+            # The sampler's log-probabilities are pi_old: the same network (with LoRA, its merged
+            # copy) and temperature as the training forward (tests check they agree), so no
+            # extra policy pass is needed.
             logprobs = _pad_right(sampled_logprobs, 0.0) * mask
             query_responses = torch.cat([query_ids, responses], dim=1)
             attention_mask = torch.cat([query_mask, mask.long()], dim=1)
 
             ref_l, values_l = [], []
             for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
+                ids, att, ctx, _ = trim_padding(
+                    query_responses[sl], attention_mask[sl], context_length
+                )
                 with ref_context():
-                    ref_lp, _ = forward_logprobs(
-                        ref_model,
-                        query_responses[sl],
-                        attention_mask[sl],
-                        context_length,
-                        config.temperature,
-                    )
-                v = token_values(value_model, query_responses[sl], attention_mask[sl])
+                    ref_lp, _ = forward_logprobs(ref_model, ids, att, ctx, config.temperature)
                 ref_l.append(ref_lp)
-                values_l.append(v[:, context_length - 1 : -1])
-            ref_logprobs, values = torch.cat(ref_l) * mask, torch.cat(values_l)
+                values_l.append(token_values(value_model, ids, att)[:, ctx - 1 : -1])
+            width = responses.shape[1]
+            ref_logprobs = _pad_right(ref_l, 0.0, width) * mask
+            values = _pad_right(values_l, 0.0, width)
 
             lengths = mask.sum(1)
             has_eos = ((responses == eos_id) & mask).any(1)
@@ -1057,7 +1124,7 @@ def _ppo_update(
     """`ppo_epochs` passes of clipped policy + value updates; returns mean diagnostics."""
     batch = rollout.query_responses.shape[0]
     micro = config.mini_batch_size // config.gradient_accumulation_steps
-    ctx = rollout.context_length
+    context_length = rollout.context_length
     totals: dict[str, float] = {}
     count = 0
     for _ in range(config.ppo_epochs):
@@ -1067,29 +1134,25 @@ def _ppo_update(
             optimizer.zero_grad(set_to_none=True)
             for mc_start in range(0, len(minibatch), micro):
                 idx = minibatch[mc_start : mc_start + micro]
-                mask = rollout.mask[idx]
-                new_logprobs, entropy = forward_logprobs(
-                    policy,
-                    rollout.query_responses[idx],
-                    rollout.attention_mask[idx],
-                    ctx,
-                    config.temperature,
-                    with_entropy=True,
+                ids, att, ctx, length = trim_padding(
+                    rollout.query_responses[idx], rollout.attention_mask[idx], context_length
                 )
-                new_values = token_values(
-                    value_model, rollout.query_responses[idx], rollout.attention_mask[idx]
-                )[:, ctx - 1 : -1]
+                mask = rollout.mask[idx, :length]
+                new_logprobs, entropy = forward_logprobs(
+                    policy, ids, att, ctx, config.temperature, with_entropy=True
+                )
+                new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
                 pg_loss, pg_stats = policy_loss(
                     new_logprobs,
-                    rollout.logprobs[idx],
-                    rollout.advantages[idx],
+                    rollout.logprobs[idx, :length],
+                    rollout.advantages[idx, :length],
                     mask,
                     config.cliprange,
                 )
                 vf_loss, vf_clipfrac = value_loss(
                     new_values,
-                    rollout.values[idx],
-                    rollout.returns[idx],
+                    rollout.values[idx, :length],
+                    rollout.returns[idx, :length],
                     mask,
                     config.cliprange_value,
                 )

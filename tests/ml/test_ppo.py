@@ -264,6 +264,77 @@ def test_sampler_logprobs_match_training_forward_with_left_padding(tmp_path: Pat
     assert not torch.allclose(lp1[mask], lp[mask], atol=1e-3)
 
 
+def test_trimmed_slice_scores_exactly_like_the_full_width_batch(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "policy", pad_equals_eos=True)
+    tok = ppo.load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    prompts = ["hi", "a much longer prompt with many more words in it than the first one"]
+    queries = ppo.encode_prompts(tok, [ppo.as_messages(p) for p in prompts], 64)
+    ids, qmask = ppo.left_pad(queries, tok.pad_token_id, torch.device("cpu"))
+    eos = tok.eos_token_id
+    # Row 0 ends after 2 tokens, row 1 after 4, in a batch 8 response tokens wide.
+    responses = torch.tensor([[5, eos] + [eos] * 6, [6, 7, 8, eos] + [eos] * 4])
+    responses, mask = ppo.first_eos_truncate(responses, eos, tok.pad_token_id)
+    full = torch.cat([ids, responses], 1)
+    attention = torch.cat([qmask, mask.long()], 1)
+    ctx = ids.shape[1]
+    whole, _ = ppo.forward_logprobs(model, full, attention, ctx, 0.7)
+
+    # The short row alone: its prompt padding and the columns after its EOS go.
+    t_ids, t_att, t_ctx, length = ppo.trim_padding(full[:1], attention[:1], ctx)
+    assert (t_ctx, length) == (len(queries[0]), 2)
+    assert t_att.all()
+    alone, _ = ppo.forward_logprobs(model, t_ids, t_att, t_ctx, 0.7)
+    assert torch.allclose(alone, whole[:1, :length], atol=1e-5)
+    # Both rows: nothing of the prompt can go; the response keeps the longest one's length.
+    t_ids, t_att, t_ctx, length = ppo.trim_padding(full, attention, ctx)
+    assert (t_ctx, length, t_ids.shape[1]) == (ctx, 4, ctx + 4)
+    value_model = LlamaForSequenceClassification.from_pretrained(
+        str(save_tiny_reward_model(tmp_path / "rm"))
+    ).eval()
+    trimmed_values = ppo.token_values(value_model, t_ids, t_att)[:, t_ctx - 1 : -1]
+    full_values = ppo.token_values(value_model, full, attention)[:, ctx - 1 : -1]
+    assert torch.allclose(trimmed_values[mask[:, :4]], full_values[mask], atol=1e-5)
+
+
+def test_merged_lora_sampler_scores_like_the_adapted_policy(tmp_path: Path) -> None:
+    from peft import get_peft_model
+
+    model_dir = save_tiny_model(tmp_path / "policy", pad_equals_eos=True)
+    tok = ppo.load_tokenizer(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    pristine = {k: v.clone() for k, v in base.state_dict().items()}
+    sampler = ppo.MergedLoraSampler(base)
+    policy = get_peft_model(base, ppo.lora_config(4, 8, "all-linear", "CAUSAL_LM")).eval()
+    sampler.attach(policy)
+    queries = ppo.encode_prompts(tok, [ppo.as_messages(p) for p in PROMPTS], 64)
+    ids, qmask = ppo.left_pad(queries, tok.pad_token_id, torch.device("cpu"))
+    for seed in (1, 2):  # the adapter moves between rollouts; each sync follows it
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.5)
+        merged = sampler.sync()
+        gen = torch.Generator().manual_seed(seed)
+        raw, sampled_lp = ppo.sample_responses(
+            merged, ids, qmask, 8, 0.7, tok.eos_token_id, tok.pad_token_id, gen
+        )
+        responses, mask = ppo.first_eos_truncate(raw, tok.eos_token_id, tok.pad_token_id)
+        full = torch.cat([ids, responses], 1)
+        attention = torch.cat([qmask, mask.long()], 1)
+        lp, _ = ppo.forward_logprobs(policy, full, attention, ids.shape[1], 0.7)
+        assert torch.allclose(lp[mask], sampled_lp[mask], atol=1e-4)
+        with policy.disable_adapter():
+            ref_lp, _ = ppo.forward_logprobs(policy, full, attention, ids.shape[1], 0.7)
+        assert not torch.allclose(ref_lp[mask], lp[mask], atol=1e-3)  # the adapter matters
+    # The policy's own base weights (the reference) were never written.
+    for name, param in policy.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if key in pristine:
+            assert torch.equal(param, pristine[key]), name
+
+
 # ---- end to end -------------------------------------------------------------------------------
 
 
