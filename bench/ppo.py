@@ -46,7 +46,7 @@ WORK = ROOT / "var" / "bench" / "ppo"
 HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
-FULL = {"steps": 3, "batch": 4, "micro": 2, "epochs": 2, "new_tokens": 32, "prompt_tokens": 96}
+FULL = {"steps": 5, "batch": 4, "micro": 2, "epochs": 2, "new_tokens": 32, "prompt_tokens": 96}
 QUICK = {"steps": 1, "batch": 2, "micro": 2, "epochs": 1, "new_tokens": 16, "prompt_tokens": 64}
 SEED = 0
 COMMON = {"temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": 1.0}
@@ -459,7 +459,10 @@ NOTES = [
     "for logits at response positions only, where TRL computes them for every position;",
     "with LoRA, ours makes the value model the reward model plus adapters (the reward is read",
     "with the adapters off), while TRL keeps a full trainable value model and a separate",
-    "reward model, which is where most of the LoRA memory difference comes from. TRL infers",
+    "reward model, which is where most of the LoRA memory difference comes from. With LoRA,",
+    "ours samples from a merged copy of the policy (W + BA, rewritten from the base before",
+    "each rollout) instead of through the adapter layers. Each of our micro-batches drops the",
+    "columns that are padding in all of its rows (exact: padding is masked). TRL infers",
     "padding from the pad id, which for SmolLM2 equals EOS; this changes what it trains on,",
     "not its speed.",
 ]
