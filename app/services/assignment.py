@@ -20,8 +20,25 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
+from typing import cast
 
-from sqlalchemy import ColumnElement, and_, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, contains_eager, joinedload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -54,12 +71,12 @@ class RaterCounts:
     left: int
 
 
-def is_live(now: datetime) -> ColumnElement[bool]:
+def is_live(now: datetime | BindParameter[datetime]) -> ColumnElement[bool]:
     """SQL condition: an assignment is a lease that has not run out."""
     return and_(Assignment.status == "leased", Assignment.expires_at > now)
 
 
-def _live_leases(now: datetime) -> ColumnElement[int]:
+def _live_leases(now: datetime | BindParameter[datetime]) -> ColumnElement[int]:
     """Correlated subquery: live leases on the pair of the enclosing query."""
     return (
         select(func.count())
@@ -69,7 +86,9 @@ def _live_leases(now: datetime) -> ColumnElement[int]:
     )
 
 
-def _untouched_by(rater_id: int, project_id: int) -> ColumnElement[bool]:
+def _untouched_by(
+    rater_id: int | BindParameter[int], project_id: int | BindParameter[int]
+) -> ColumnElement[bool]:
     """The rater has never been assigned this pair, nor judged it in any other way.
 
     Written as NOT IN over the rater's own (small) sets so PostgreSQL hashes them once instead
@@ -89,6 +108,14 @@ CONTENT = (
     joinedload(Assignment.pair).joinedload(ComparisonPair.response_a),
     joinedload(Assignment.pair).joinedload(ComparisonPair.response_b),
 )
+
+# The statements `next` runs on every call are built once, with these parameters: building a
+# statement like the claim costs about a millisecond of CPU per call, more than running it.
+_PROJECT = bindparam("project_id", type_=Integer)
+_RATER = bindparam("rater_id", type_=Integer)
+_PAIR = bindparam("pair_id", type_=Integer)
+_NOW = bindparam("now", type_=UTCDateTime)
+
 _ResponseA = aliased(Response)
 _ResponseB = aliased(Response)
 # A pair with everything a rater reads, in one row: the claim loads the prompt and both
@@ -107,70 +134,102 @@ _PAIR_WITH_CONTENT = (
     .execution_options(populate_existing=True)
 )
 
+# Serializes one rater's own `next` calls (two tabs, a double click): without it two calls
+# could each find no live lease and each lease a different pair. FOR NO KEY UPDATE does not
+# block the key-share locks that inserting rows referencing the user takes.
+_LOCK_RATER = select(User.id).where(User.id == _RATER).with_for_update(key_share=True)
 
-def _lock_rater(session: Session, rater_id: int) -> None:
-    # Serializes one rater's own `next` calls (two tabs, a double click): without it two calls
-    # could each find no live lease and each lease a different pair. FOR NO KEY UPDATE does not
-    # block the key-share locks that inserting rows referencing the user takes.
-    session.execute(
-        select(User.id).where(User.id == rater_id).with_for_update(key_share=True)
-    ).first()
+_CURRENT_LEASE = (
+    select(Assignment.id)
+    .where(Assignment.rater_id == _RATER, Assignment.project_id == _PROJECT, is_live(_NOW))
+    .order_by(Assignment.leased_at, Assignment.id)
+    .limit(1)
+)
 
-
-def _current_lease(session: Session, project_id: int, rater_id: int, now: datetime) -> int | None:
-    return session.scalar(
-        select(Assignment.id)
-        .where(
-            Assignment.rater_id == rater_id,
-            Assignment.project_id == project_id,
-            is_live(now),
-        )
-        .order_by(Assignment.leased_at, Assignment.id)
-        .limit(1)
+# The lease, inserted only if the locked pair still has room (gold pairs are not capped).
+# Run as a new statement while the pair's row lock is held: under READ COMMITTED it sees every
+# lease committed by whoever held the lock before us, which the claim's older snapshot might
+# not have seen. It inserts nothing when the pair filled up meanwhile. A Core INSERT read back
+# as ORM rows: the ORM's own INSERT would take the parameters for rows of a bulk insert.
+_ASSIGNMENTS = cast(Table, Assignment.__table__)
+_LEASE = select(Assignment).from_statement(
+    insert(_ASSIGNMENTS)
+    .from_select(
+        ["project_id", "pair_id", "rater_id", "status", "shown_left", "leased_at", "expires_at"],
+        select(
+            _PROJECT,
+            ComparisonPair.id,
+            _RATER,
+            literal("leased"),
+            bindparam("shown_left", type_=String),
+            _NOW,
+            bindparam("expires_at", type_=UTCDateTime),
+        ).where(
+            ComparisonPair.id == _PAIR,
+            or_(
+                ComparisonPair.gold_choice.is_not(None),
+                ComparisonPair.judgment_count + _live_leases(_NOW)
+                < ComparisonPair.required_judgments,
+            ),
+        ),
     )
+    .returning(*_ASSIGNMENTS.c)
+)
 
 
-def _lease(
-    session: Session,
-    project_id: int,
-    pair_id: int,
-    rater_id: int,
-    *,
-    shown_left: str,
-    now: datetime,
-    expires_at: datetime,
-) -> Assignment | None:
-    """Lease the locked pair to the rater if it still has room; None if it has not.
+@cache
+def _claim_statement(gold: bool, wait: bool) -> Select[ComparisonPair] | Select[int]:
+    """The best pair of one kind that the rater may lease (parameters project_id, rater_id, now).
 
-    One `INSERT ... SELECT ... WHERE <room> ... RETURNING` statement, run while the pair's row
-    lock is held: under READ COMMITTED a new statement sees every lease committed by whoever
-    held the lock before us, which the candidate query's older snapshot might not have seen.
-    Gold pairs are not capped. The new row comes back as an ORM object in the session.
+    Without `wait`: the pair with its content, `FOR UPDATE SKIP LOCKED`. With `wait`: only its
+    id, unlocked (see `_claim_pair`).
     """
-    has_room = or_(
-        ComparisonPair.gold_choice.is_not(None),
-        ComparisonPair.judgment_count + _live_leases(now) < ComparisonPair.required_judgments,
+    # Live leases per pair of the project, computed once and hash-joined, rather than a
+    # count subquery per candidate: there are few live leases and many candidate pairs.
+    live = (
+        select(Assignment.pair_id, func.count().label("n"))
+        .where(Assignment.project_id == _PROJECT, is_live(_NOW))
+        .group_by(Assignment.pair_id)
+        .subquery()
     )
-    row = select(
-        literal(project_id),
+    conditions = [
+        ComparisonPair.project_id == _PROJECT,
+        ComparisonPair.gold_choice.is_not(None) if gold else ComparisonPair.gold_choice.is_(None),
+        _untouched_by(_RATER, _PROJECT),
+    ]
+    if not gold:
+        conditions.append(
+            ComparisonPair.judgment_count + func.coalesce(live.c.n, 0)
+            < ComparisonPair.required_judgments
+        )
+    # The order of ix_comparison_pairs_queue: PostgreSQL walks the index and stops at the first
+    # pair that passes the conditions and is not locked, instead of sorting every open pair.
+    order = (
+        ComparisonPair.judgment_count,
+        ComparisonPair.priority.desc(),
+        ComparisonPair.created_at,
         ComparisonPair.id,
-        literal(rater_id),
-        literal("leased"),
-        literal(shown_left),
-        literal(now, UTCDateTime()),
-        literal(expires_at, UTCDateTime()),
-    ).where(ComparisonPair.id == pair_id, has_room)
-    columns = (
-        "project_id",
-        "pair_id",
-        "rater_id",
-        "status",
-        "shown_left",
-        "leased_at",
-        "expires_at",
     )
-    stmt = insert(Assignment).from_select(columns, row).returning(Assignment)
-    return session.scalars(stmt).one_or_none()
+    if wait:
+        return (
+            select(ComparisonPair.id)
+            .outerjoin(live, live.c.pair_id == ComparisonPair.id)
+            .where(*conditions)
+            .order_by(*order)
+            .limit(1)
+        )
+    return (
+        _PAIR_WITH_CONTENT.outerjoin(live, live.c.pair_id == ComparisonPair.id)
+        .where(*conditions)
+        .order_by(*order)
+        .limit(1)
+        .with_for_update(of=ComparisonPair, skip_locked=True)
+    )
+
+
+_LOCK_PAIR_WITH_CONTENT = _PAIR_WITH_CONTENT.where(ComparisonPair.id == _PAIR).with_for_update(
+    of=ComparisonPair
+)
 
 
 class _Full(Exception):
@@ -201,58 +260,19 @@ def _claim_pair(
     exactly one row and holds no other pair lock meanwhile. A plain `FOR UPDATE ... LIMIT 1`
     could keep a lock on a row that failed its re-check and wait on the next one: a deadlock.
 
-    Whether the locked pair still has room is checked by the insert of the lease (`_lease`).
+    Whether the locked pair still has room is checked by the insert of the lease (`_LEASE`).
     """
-    # Live leases per pair of the project, computed once and hash-joined, rather than a
-    # count subquery per candidate: there are few live leases and many candidate pairs.
-    live = (
-        select(Assignment.pair_id, func.count().label("n"))
-        .where(Assignment.project_id == project_id, is_live(now))
-        .group_by(Assignment.pair_id)
-        .subquery()
-    )
-    conditions = [
-        ComparisonPair.project_id == project_id,
-        ComparisonPair.gold_choice.is_not(None) if gold else ComparisonPair.gold_choice.is_(None),
-        _untouched_by(rater_id, project_id),
-    ]
-    if not gold:
-        conditions.append(
-            ComparisonPair.judgment_count + func.coalesce(live.c.n, 0)
-            < ComparisonPair.required_judgments
-        )
+    params = {"project_id": project_id, "rater_id": rater_id, "now": now}
+    stmt = _claim_statement(gold, wait)
     if excluded:
-        conditions.append(ComparisonPair.id.not_in(excluded))
-    # The order of ix_comparison_pairs_queue: PostgreSQL walks the index and stops at the first
-    # pair that passes the conditions and is not locked, instead of sorting every open pair.
-    order = (
-        ComparisonPair.judgment_count,
-        ComparisonPair.priority.desc(),
-        ComparisonPair.created_at,
-        ComparisonPair.id,
-    )
+        stmt = stmt.where(ComparisonPair.id.not_in(excluded))
     if not wait:
-        claim = (
-            _PAIR_WITH_CONTENT.outerjoin(live, live.c.pair_id == ComparisonPair.id)
-            .where(*conditions)
-            .order_by(*order)
-            .limit(1)
-            .with_for_update(of=ComparisonPair, skip_locked=True)
-        )
-        return session.scalars(claim).first()
-    candidate = session.scalar(
-        select(ComparisonPair.id)
-        .outerjoin(live, live.c.pair_id == ComparisonPair.id)
-        .where(*conditions)
-        .order_by(*order)
-        .limit(1)
-    )
+        pair: ComparisonPair | None = session.scalars(stmt, params).first()
+        return pair
+    candidate = session.scalar(stmt, params)
     if candidate is None:
         return None
-    locked = _PAIR_WITH_CONTENT.where(ComparisonPair.id == candidate).with_for_update(
-        of=ComparisonPair
-    )
-    return session.scalars(locked).one()
+    return session.scalars(_LOCK_PAIR_WITH_CONTENT, {"pair_id": candidate}).one()
 
 
 def _get_with_content(session: Session, assignment_id: int) -> Assignment:
@@ -286,8 +306,10 @@ def next_assignment(
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
         try:
-            _lock_rater(session, rater.id)
-            current = _current_lease(session, project.id, rater.id, now)
+            session.execute(_LOCK_RATER, {"rater_id": rater.id})
+            current = session.scalar(
+                _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project.id, "now": now}
+            )
             if current is not None:
                 session.commit()
                 return _get_with_content(session, current)
@@ -308,15 +330,15 @@ def next_assignment(
                     continue
                 session.commit()
                 return None
-            assignment = _lease(
-                session,
-                project.id,
-                pair.id,
-                rater.id,
-                shown_left=rng.choice(("a", "b")),
-                now=now,
-                expires_at=now + timedelta(seconds=settings.lease_ttl_s),
-            )
+            lease = {
+                "project_id": project.id,
+                "pair_id": pair.id,
+                "rater_id": rater.id,
+                "shown_left": rng.choice(("a", "b")),
+                "now": now,
+                "expires_at": now + timedelta(seconds=settings.lease_ttl_s),
+            }
+            assignment = session.scalars(_LEASE, lease).one_or_none()
             if assignment is None:
                 raise _Full(pair.id)
             set_committed_value(assignment, "pair", pair)  # loaded already, with its content
@@ -326,7 +348,7 @@ def next_assignment(
             session.rollback()
             excluded.add(full.pair_id)
         except IntegrityError as exc:
-            # Unreachable while _lock_rater serializes the rater's calls; kept as a clear
+            # Unreachable while _LOCK_RATER serializes the rater's calls; kept as a clear
             # answer rather than a 500 if that ever changes.
             session.rollback()
             raise Conflict("another request is assigning you work right now; try again") from exc
