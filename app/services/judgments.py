@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, Table, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -169,17 +170,30 @@ def _existing(session: Session, assignment_id: int) -> Judgment | None:
     return session.scalar(select(Judgment).where(Judgment.assignment_id == assignment_id))
 
 
+# Built once: a submit runs these on every call (see app/services/assignment.py on why).
+_LOCK_ASSIGNMENT = (
+    select(Assignment, Project)
+    .join(Project, Project.id == Assignment.project_id)
+    .where(Assignment.id == bindparam("assignment_id", type_=Integer))
+    .with_for_update(of=Assignment)
+    .execution_options(populate_existing=True)
+)
+_PAIRS = cast(Table, ComparisonPair.__table__)
+# Core, not the ORM's UPDATE: nothing in the session needs the new count, and the ORM's
+# in-memory synchronization costs more CPU than the statement.
+_COUNT_JUDGMENT = (
+    update(_PAIRS)
+    .where(_PAIRS.c.id == bindparam("pair_id", type_=Integer))
+    .values(judgment_count=_PAIRS.c.judgment_count + 1)
+    .returning(_PAIRS.c.gold_choice)
+)
+
+
 def _lock_own_assignment(
     session: Session, assignment_id: int, rater: User
 ) -> tuple[Assignment, Project]:
     """The rater's assignment, row-locked, with its project (one statement); else NotFound."""
-    row = session.execute(
-        select(Assignment, Project)
-        .join(Project, Project.id == Assignment.project_id)
-        .where(Assignment.id == assignment_id)
-        .with_for_update(of=Assignment)
-        .execution_options(populate_existing=True)
-    ).first()
+    row = session.execute(_LOCK_ASSIGNMENT, {"assignment_id": assignment_id}).first()
     if row is None or row[0].rater_id != rater.id:
         raise NotFound(f"assignment {assignment_id} not found")
     return row[0], row[1]
@@ -187,12 +201,7 @@ def _lock_own_assignment(
 
 def _count_judgment(session: Session, pair_id: int) -> str | None:
     """Add one to the pair's `judgment_count` (row-locking the pair); its gold answer."""
-    gold_choice: str | None = session.execute(
-        update(ComparisonPair)
-        .where(ComparisonPair.id == pair_id)
-        .values(judgment_count=ComparisonPair.judgment_count + 1)
-        .returning(ComparisonPair.gold_choice)
-    ).scalar_one()
+    gold_choice: str | None = session.execute(_COUNT_JUDGMENT, {"pair_id": pair_id}).scalar_one()
     return gold_choice
 
 
