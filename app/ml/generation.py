@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from app.ml.chat import inert_messages
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.loading import LoadedModel
 
@@ -118,13 +119,13 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[in
     Uses the tokenizer's chat template with `add_generation_prompt=True`. A tokenizer without a
     template (a base model) takes a string prompt as raw text.
     """
-    messages = prompt_messages(prompt)
+    messages = inert_messages(tokenizer, prompt_messages(prompt))
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The rendered template already holds its special tokens; adding BOS again would double it.
         ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
     elif isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
     else:
         raise ValueError(
             "this tokenizer has no chat template, so chat-message prompts cannot be rendered; "

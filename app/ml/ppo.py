@@ -56,6 +56,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.ml.chat import inert_messages
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
 
@@ -421,7 +422,8 @@ def encode_prompts(
 
     The chat template already holds every special token it wants, so none are added again."""
     encoded = []
-    for messages in prompts:
+    for untrusted in prompts:
+        messages = inert_messages(tokenizer, untrusted)
         if tokenizer.chat_template:
             text = tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
@@ -635,7 +637,9 @@ class RewardModelScorer:
     def conversation_ids(self, messages: Messages, response: str) -> list[int]:
         """The tokens the reward model scores: the same rendering as app/ml/reward.py trains on
         (chat template; without one, plain turns joined by blank lines and a final EOS)."""
-        conversation = [*messages, {"role": "assistant", "content": response}]
+        conversation = inert_messages(
+            self.tokenizer, [*messages, {"role": "assistant", "content": response}]
+        )
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
         else:

@@ -47,6 +47,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.ml.chat import inert_messages
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
 from app.ml.preferences import PreferenceExample
@@ -178,7 +179,7 @@ class EncodedPair:
 def _conversation_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]], response: str
 ) -> list[int]:
-    messages = [*prompt, {"role": "assistant", "content": response}]
+    messages = inert_messages(tokenizer, [*prompt, {"role": "assistant", "content": response}])
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     else:
