@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
-from typing import cast
+from typing import TypeVar, cast
 
 from sqlalchemy import (
     BindParameter,
@@ -55,6 +55,8 @@ from app.models import (
 from app.models.base import UTCDateTime
 from app.services.errors import Conflict, InvalidInput, NotFound
 from app.services.projects import project_settings
+
+_T = TypeVar("_T")
 
 # How many candidates that filled up under us one `next` call steps over before giving up.
 MAX_CLAIM_TRIES = 20
@@ -177,12 +179,10 @@ _LEASE = select(Assignment).from_statement(
 )
 
 
-@cache
-def _claim_statement(gold: bool, wait: bool) -> Select[ComparisonPair] | Select[int]:
-    """The best pair of one kind that the rater may lease (parameters project_id, rater_id, now).
+def _queue_head(stmt: Select[_T], gold: bool) -> Select[_T]:
+    """`stmt` limited to the best pair of one kind that the rater may lease.
 
-    Without `wait`: the pair with its content, `FOR UPDATE SKIP LOCKED`. With `wait`: only its
-    id, unlocked (see `_claim_pair`).
+    Parameters project_id, rater_id and now.
     """
     # Live leases per pair of the project, computed once and hash-joined, rather than a
     # count subquery per candidate: there are few live leases and many candidate pairs.
@@ -204,27 +204,31 @@ def _claim_statement(gold: bool, wait: bool) -> Select[ComparisonPair] | Select[
         )
     # The order of ix_comparison_pairs_queue: PostgreSQL walks the index and stops at the first
     # pair that passes the conditions and is not locked, instead of sorting every open pair.
-    order = (
-        ComparisonPair.judgment_count,
-        ComparisonPair.priority.desc(),
-        ComparisonPair.created_at,
-        ComparisonPair.id,
-    )
-    if wait:
-        return (
-            select(ComparisonPair.id)
-            .outerjoin(live, live.c.pair_id == ComparisonPair.id)
-            .where(*conditions)
-            .order_by(*order)
-            .limit(1)
-        )
     return (
-        _PAIR_WITH_CONTENT.outerjoin(live, live.c.pair_id == ComparisonPair.id)
+        stmt.outerjoin(live, live.c.pair_id == ComparisonPair.id)
         .where(*conditions)
-        .order_by(*order)
+        .order_by(
+            ComparisonPair.judgment_count,
+            ComparisonPair.priority.desc(),
+            ComparisonPair.created_at,
+            ComparisonPair.id,
+        )
         .limit(1)
-        .with_for_update(of=ComparisonPair, skip_locked=True)
     )
+
+
+@cache
+def _claim_statement(gold: bool) -> Select[ComparisonPair]:
+    """The best pair with its content, locked, skipping pairs others hold (see `_claim_pair`)."""
+    return _queue_head(_PAIR_WITH_CONTENT, gold).with_for_update(
+        of=ComparisonPair, skip_locked=True
+    )
+
+
+@cache
+def _candidate_statement(gold: bool) -> Select[int]:
+    """The best pair's id, without a lock (see `_claim_pair`)."""
+    return _queue_head(select(ComparisonPair.id), gold)
 
 
 _LOCK_PAIR_WITH_CONTENT = _PAIR_WITH_CONTENT.where(ComparisonPair.id == _PAIR).with_for_update(
@@ -263,16 +267,21 @@ def _claim_pair(
     Whether the locked pair still has room is checked by the insert of the lease (`_LEASE`).
     """
     params = {"project_id": project_id, "rater_id": rater_id, "now": now}
-    stmt = _claim_statement(gold, wait)
-    if excluded:
-        stmt = stmt.where(ComparisonPair.id.not_in(excluded))
     if not wait:
-        pair: ComparisonPair | None = session.scalars(stmt, params).first()
-        return pair
-    candidate = session.scalar(stmt, params)
+        claim = _claim_statement(gold)
+        if excluded:
+            claim = claim.where(ComparisonPair.id.not_in(excluded))
+        return session.scalars(claim, params).first()
+    best = _candidate_statement(gold)
+    if excluded:
+        best = best.where(ComparisonPair.id.not_in(excluded))
+    candidate = session.scalar(best, params)
     if candidate is None:
         return None
-    return session.scalars(_LOCK_PAIR_WITH_CONTENT, {"pair_id": candidate}).one()
+    locked = session.scalars(_LOCK_PAIR_WITH_CONTENT, {"pair_id": candidate}).one_or_none()
+    if locked is None:  # deleted while we waited for it
+        raise _Full(candidate)
+    return locked
 
 
 def _get_with_content(session: Session, assignment_id: int) -> Assignment:
