@@ -4,10 +4,14 @@
     .venv/bin/python bench/closed_loop.py --quick   # tiny random model, 1 round; prints only
 
 The rule the simulated raters follow (`rule_preference`): *the more concise answer that still
-addresses the question*. An answer addresses the question when it has at least
-`MIN_WORDS` words and ended by itself (EOS within the token limit, not cut off). Between two
-answers that address it, the one with fewer words wins, equal word counts are a tie; an answer
-that addresses it beats one that does not; two that do not are `both_bad`.
+addresses the question*. An answer addresses the question when it has at least `MIN_WORDS`
+words, ended by itself (EOS within the token limit, not cut off) and is about the question: it
+repeats at least one of the question's content words (`content_words`: alphabetic words of four
+letters or more outside a short stop list, a trailing "s" or "'s" dropped). Between two answers
+that address it, the one with fewer words wins, equal word counts are a tie; an answer that
+addresses it beats one that does not; two that do not are `both_bad`. (The topic test closes
+the cheapest hack of a pure length rule, which an earlier run of this benchmark found: "What a
+great question!" is three words, ends, and answers nothing.)
 
 Everything goes through the product's REST API (in-process ASGI client on the real app) and a
 real `--pool=solo` Celery worker on the embedded stack (SQLite + SQLite broker): upload prompts
@@ -55,6 +59,8 @@ MIN_WORDS = 3
 # The tiny random model of --quick never ends an answer by itself; its smoke run drops the
 # "not cut off" half of the rule so that the raters have preferences to express.
 REQUIRE_EOS = True
+# Nor does it write about anything, so the smoke run drops the topic test as well.
+REQUIRE_TOPIC = True
 MAX_KL = 25.0
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -62,15 +68,44 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # --- the simulated raters' rule ----------------------------------------------------------------
 
 
-def addresses(text: str, truncated: bool) -> bool:
-    """An answer addresses the question: at least MIN_WORDS words, and it ended by itself."""
-    return (not truncated or not REQUIRE_EOS) and len(text.split()) >= MIN_WORDS
+STOP_WORDS = frozenset(
+    """
+    about above after again against also because been before being below between both but could
+    does doing down during each from further have having here hers herself himself into itself
+    just more most myself once only other ours over same should some such than that their theirs
+    them then there these they this those through under until very were what when where which
+    while whom would your yours yourself want need know tell like make good thing things someone
+    something anyone anything please really
+    """.split()  # noqa: SIM905 (a word list reads best as words)
+)
 
 
-def rule_preference(a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of four letters or more outside STOP_WORDS, plural/possessive cut."""
+    words = set()
+    for raw in text.lower().split():
+        word = raw.strip(".,!?;:\"'()[]{}*-")
+        for suffix in ("'s", "s"):
+            if word.endswith(suffix) and len(word) > 4:
+                word = word[: -len(suffix)]
+                break
+        if len(word) >= 4 and word.isalpha() and word not in STOP_WORDS:
+            words.add(word)
+    return words
+
+
+def addresses(question: str, text: str, truncated: bool) -> bool:
+    """At least MIN_WORDS words, ended by itself, and shares a content word with the question."""
+    if (truncated and REQUIRE_EOS) or len(text.split()) < MIN_WORDS:
+        return False
+    topic = content_words(question)
+    return not (REQUIRE_TOPIC and topic) or bool(topic & content_words(text))
+
+
+def rule_preference(question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
     """'a', 'b', 'tie' or 'both_bad' under the rule (the more concise answer that addresses
     the question)."""
-    ok_a, ok_b = addresses(a, a_truncated), addresses(b, b_truncated)
+    ok_a, ok_b = addresses(question, a, a_truncated), addresses(question, b, b_truncated)
     if not ok_a and not ok_b:
         return "both_bad"
     if ok_a != ok_b:
@@ -139,7 +174,10 @@ class Bench:
                 break
             item = response.json()
             a, b = item["response_a"], item["response_b"]
-            choice = rule_preference(a["text"], truncated(a["id"]), b["text"], truncated(b["id"]))
+            question = item["prompt"]["messages"][-1]["content"]
+            choice = rule_preference(
+                question, a["text"], truncated(a["id"]), b["text"], truncated(b["id"])
+            )
             body: dict[str, Any] = {"choice": choice}
             if choice in ("a", "b"):
                 body["strength"] = 1
@@ -172,6 +210,7 @@ def final_comparison(
     wins = ties = 0.0
     agree = decided = 0
     rows = []
+    examples: list[dict[str, Any]] = []
     started = time.monotonic()
     for i, prompt in enumerate(prompts):
         answers = {}
@@ -184,7 +223,7 @@ def final_comparison(
             answers[version_id] = out["responses"][0]
         final, base = answers[final_id], answers[base_id]
         verdict = rule_preference(
-            final["text"], final["truncated"], base["text"], base["truncated"]
+            prompt, final["text"], final["truncated"], base["text"], base["truncated"]
         )
         wins += 1.0 if verdict == "a" else 0.0
         ties += 1.0 if verdict in ("tie", "both_bad") else 0.0
@@ -196,6 +235,7 @@ def final_comparison(
             decided += 1
             agree += int((scores[0] > scores[1]) == (verdict == "a"))
         rows.append((len(final["text"].split()), len(base["text"].split()), verdict))
+        examples.append({"prompt": prompt, "final": final, "base": base, "verdict": verdict})
     bench.times.append(("final comparison (API playground)", time.monotonic() - started))
     n = len(prompts)
     return {
@@ -207,6 +247,7 @@ def final_comparison(
         "rm_pairs": decided,
         "final_words": sum(r[0] for r in rows) / n,
         "base_words": sum(r[1] for r in rows) / n,
+        "examples": examples,
     }
 
 
@@ -379,7 +420,8 @@ def section(result: dict[str, Any]) -> str:
         f"{platform.python_version()}  ",
         f"Policy: {result['base_policy']}; {result['prompts']} HH-RLHF first human turns "
         f"({result['heldout']} held out); rule: the more concise answer that still addresses the"
-        f" question (≥ {MIN_WORDS} words, not cut off; see `bench/closed_loop.py`).",
+        f" question (≥ {MIN_WORDS} words, not cut off, shares a content word with the question;"
+        " see `bench/closed_loop.py`).",
         "",
         f"**Final policy v{result['final_version']} vs base on held-out prompts, under the rule: "
         f"win rate {cmp['win_rate']:.1%}** ({cmp['wins']:.0f} wins, {cmp['ties']:.0f} ties of "
@@ -398,7 +440,32 @@ def section(result: dict[str, Any]) -> str:
         )
     lines += ["", "| stage | wall s |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in result["times"]]
+    lines += [
+        "", f"The first {EXAMPLES} held-out prompts, as the rule judged them (a = final policy; an "
+        "answer cut off at the token limit ends in …):", "",
+        "| prompt | final policy | base policy | rule |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for ex in cmp["examples"][:EXAMPLES]:
+        cells = [ex["prompt"], answer_cell(ex["final"]), answer_cell(ex["base"]), ex["verdict"]]
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+EXAMPLES = 6
+
+
+def answer_cell(answer: dict[str, Any]) -> str:
+    text = " ".join(answer["text"].split())
+    text = text if len(text) <= 160 else text[:160] + "…"
+    return text + (" …" if answer["truncated"] and not text.endswith("…") else "")
+
+
+def markdown_cell(text: str) -> str:
+    """Model output in a Markdown table cell: one line, pipes and markup characters escaped."""
+    text = " ".join(text.split())
+    for char in "\\`*_[]<>|":
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def write_docs(text: str) -> None:
@@ -421,15 +488,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, no docs")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=80)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ppo-steps", type=int, default=12)
     parser.add_argument("--ppo-lr", type=float, default=3e-4, help="PPO learning rate (LoRA)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary var directory")
     args = parser.parse_args()
     if args.quick:
-        global REQUIRE_EOS
-        REQUIRE_EOS = False
+        global REQUIRE_EOS, REQUIRE_TOPIC
+        REQUIRE_EOS = REQUIRE_TOPIC = False
         args.rounds, args.max_new_tokens = 1, 8
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=2, default=str))
