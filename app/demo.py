@@ -1,6 +1,7 @@
 """`verdict demo`: the whole product on the embedded default (SQLite under var/).
 
-One command starts the web server, one model worker (``--pool=solo``) and the scheduler as child
+One command starts the web server, a model worker (``--pool=solo``, queue ``gpu``), a
+housekeeping worker (queue ``default``: the periodic checks) and the scheduler as child
 processes, seeds the demo project and queues generation with SmolLM2, so that the first pair is
 ready to judge about a minute after a fresh start. One Ctrl-C stops everything: each child runs
 in its own process group and gets SIGTERM, then SIGKILL after a grace period. A second start
@@ -30,6 +31,7 @@ from app.core.security import new_one_time_password
 from app.demo_data import DEMO_GUIDELINES, DEMO_PROMPTS
 from app.models import ComparisonPair, Project, Prompt, Run, User
 from app.services import projects, prompts, runs, users
+from app.services.dispatch import DEFAULT_QUEUE, GPU_QUEUE
 from app.services.errors import NotFound
 
 DEMO_ADMIN_EMAIL = "admin@verdict.local"
@@ -77,7 +79,7 @@ def seed_demo() -> str | None:
 def queue_demo_generation(settings: Settings) -> Run | None:
     """Recover runs a killed demo left behind, then queue generation unless one is active.
 
-    The demo has exactly one worker and it is not started yet, so a run still marked running
+    The demo has exactly one model worker and it is not started yet, so a run still marked running
     was orphaned by a previous demo that did not shut down cleanly: the reaper with no grace
     period requeues it (generation resumes where it stopped).
     """
@@ -158,7 +160,8 @@ class Child:
 
 
 def demo_children(settings: Settings, host: str, port: int) -> list[Child]:
-    """Worker first (it is the slowest to be useful), then the web server, then beat."""
+    """Model worker first (it is the slowest to be useful), the housekeeping worker, the web
+    server, then beat."""
     logs = settings.var_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -167,10 +170,21 @@ def demo_children(settings: Settings, host: str, port: int) -> list[Child]:
             "worker",
             [
                 py, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
-                "-Q", "gpu,default", "-n", "demo@%h", "--loglevel=info",
+                "-Q", GPU_QUEUE, "-n", "demo@%h", "--loglevel=info",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",
             ],
             logs / "worker.log",
+        ),
+        # Housekeeping (the reaper, lease sweep, reward-run trigger) on its own small worker,
+        # so a long model run never holds back an expired lease or a stale-run check.
+        Child(
+            "housekeeping",
+            [
+                py, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
+                "-Q", DEFAULT_QUEUE, "-n", "demo-housekeeping@%h", "--loglevel=info",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+            ],
+            logs / "housekeeping.log",
         ),
         Child(
             "web",
