@@ -213,6 +213,11 @@ def rater_loop(
     headers = {"Authorization": f"Bearer {token}"}
     body = {"choice": "a", "strength": 1, "aspects": {"honesty": "a"}, "active_ms": 1000}
     with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+        if think_s:
+            # Paced raters are mid-think when the phase starts, as in the steady state the
+            # phase measures (the remaining think time is again exponential); otherwise all of
+            # them would fire in the same millisecond and the phase would open with a burst.
+            time.sleep(random.expovariate(1 / think_s))
         while time.monotonic() < until:
             t0 = time.perf_counter()
             got = client.get(f"/api/v1/projects/{slug}/assignments/next")
@@ -388,8 +393,9 @@ def write_docs(report: str, args: argparse.Namespace) -> None:
             "--workers 2` (the worker count of `verdict serve --workers 2` in docker-compose.yml;",
             "access log off). Each rater is a thread with its own `httpx.Client`. Latency is",
             "measured with raters that pause a random time (mean `--think-s`) after each submit",
-            "(paced); throughput with no pause at all (saturated), where a closed loop's latency",
-            "is only concurrency / throughput. The same threads then call `/readyz` (one",
+            "and before their first request, so the phase does not open with all raters firing",
+            "at once (paced); throughput with no pause at all (saturated), where a closed loop's",
+            "latency is only concurrency / throughput. The same threads then call `/readyz` (one",
             "`SELECT 1`, no auth) as the bare-endpoint baseline: same client, same concurrency.",
             "Target: next and submit p99 <= 50 ms at 20 raters, and saturated hot-path",
             "requests/s >= 40 % of the bare endpoint's.",
