@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import AdminUser, ProjectDep, SessionDep, require
+from app.api.deps import AdminUser, RaterCallDep, SessionDep, require
 from app.models import Assignment, Judgment, User
 from app.services import assignment as assignment_service
 from app.services import judgments, permissions
@@ -122,26 +122,24 @@ class GoldOut(BaseModel):
     response_model=AssignmentOut,
     responses={204: {"description": "nothing left for you in this project"}},
 )
-def next_assignment(
-    project: ProjectDep, session: SessionDep, user: Rater
-) -> AssignmentOut | Response:
+def next_assignment(slug: str, call: RaterCallDep) -> AssignmentOut | Response:
     """Lease the next comparison (or return the one you already hold); 204 when none is left."""
-    assignment = assignment_service.next_assignment(session, project, user)
-    if assignment is None:
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
-    return AssignmentOut.of(assignment, project.slug)
+    with call.open() as (session, user):
+        assignment = assignment_service.next_assignment(session, slug, user)
+        if assignment is None:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        return AssignmentOut.of(assignment, slug)
 
 
 @router.post(
     "/assignments/{assignment_id}/judgment",
     responses={409: {"description": "skipped, judged differently, or expired and full"}},
 )
-def submit_judgment(
-    assignment_id: int, body: JudgmentIn, session: SessionDep, user: Rater
-) -> JudgmentOut:
+def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) -> JudgmentOut:
     """Store your judgment. Sending the same body again returns the same stored judgment."""
     data = judgments.JudgmentInput(**body.model_dump())
-    return JudgmentOut.of(judgments.submit(session, assignment_id, user, data))
+    with call.open() as (session, user):
+        return JudgmentOut.of(judgments.submit(session, assignment_id, user, data))
 
 
 @router.post("/assignments/{assignment_id}/skip")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -60,6 +61,11 @@ def check_csrf(request: Request, submitted: str | None) -> None:
 
 def get_current_user(request: Request, session: SessionDep) -> User:
     """The caller: a bearer token's user, or the logged-in browser user (with CSRF on writes)."""
+    return authenticate(request, session)
+
+
+def authenticate(request: Request, session: Session) -> User:
+    """`get_current_user`'s check, for callers that open their own session (`RaterCall`)."""
     header = request.headers.get("authorization", "")
     if header:
         scheme, _, secret = header.partition(" ")
@@ -111,6 +117,43 @@ def get_project_dep(slug: str, session: SessionDep, user: CurrentUser) -> Projec
 
 
 ProjectDep = Annotated[Project, Depends(get_project_dep)]
+
+
+class RaterCall:
+    """The rater hot path's session and caller, opened in the endpoint's own thread.
+
+    `SessionDep`, `CurrentUser` and a policy are three dependencies, and FastAPI runs each sync
+    one in the thread pool (a sync generator twice: open and close): `next` made five thread
+    hand-offs per call, a measurable share of its CPU. The endpoints a rater calls in a loop
+    take this instead (built on the event loop, no I/O) and open everything in one block, in
+    the one thread their own body runs in. The checks are the same: bearer token or session
+    cookie with CSRF on writes, then `permissions.can_rate`.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    @contextmanager
+    def open(self) -> Iterator[tuple[Session, User]]:
+        """A session and the authenticated rater; the session is closed on leaving."""
+        session: Session = self.request.app.state.sessionmaker()
+        try:
+            user = authenticate(self.request, session)
+            if not permissions.can_rate(user):
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN,
+                    detail=f"your role ({user.role}) cannot rate comparisons",
+                )
+            yield session, user
+        finally:
+            session.close()
+
+
+async def get_rater_call(request: Request) -> RaterCall:
+    return RaterCall(request)
+
+
+RaterCallDep = Annotated[RaterCall, Depends(get_rater_call)]
 
 
 def get_web_user(request: Request, session: SessionDep) -> User | None:

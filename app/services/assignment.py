@@ -54,7 +54,7 @@ from app.models import (
 )
 from app.models.base import UTCDateTime
 from app.services.errors import Conflict, InvalidInput, NotFound
-from app.services.projects import project_settings
+from app.services.projects import ProjectSettings, project_settings
 
 _T = TypeVar("_T")
 
@@ -140,6 +140,15 @@ _PAIR_WITH_CONTENT = (
 # could each find no live lease and each lease a different pair. FOR NO KEY UPDATE does not
 # block the key-share locks that inserting rows referencing the user takes.
 _LOCK_RATER = select(User.id).where(User.id == _RATER).with_for_update(key_share=True)
+
+# The same lock, also reading the project by its slug: the API's `next` names the project by
+# slug, and one statement instead of two is a round trip and a statement's CPU less per call.
+_LOCK_RATER_IN_PROJECT = (
+    select(Project)
+    .join(User, User.id == _RATER)
+    .where(Project.slug == bindparam("slug", type_=String))
+    .with_for_update(of=User, key_share=True)
+)
 
 _CURRENT_LEASE = (
     select(Assignment.id)
@@ -292,13 +301,16 @@ def _get_with_content(session: Session, assignment_id: int) -> Assignment:
 
 def next_assignment(
     session: Session,
-    project: Project,
+    project: Project | str,
     rater: User,
     *,
     now: datetime | None = None,
     rng: random.Random | None = None,
 ) -> Assignment | None:
     """The rater's next comparison in `project`, leased to them; None when nothing is left.
+
+    `project` is the project or its slug (NotFound if there is none; the API's `next`, which
+    then needs no statement of its own to find the project).
 
     A rater who still holds a live lease in the project gets that same assignment back, so
     reloading the page or calling the API twice never hoards pairs. Otherwise a pair is chosen
@@ -308,16 +320,28 @@ def next_assignment(
     """
     now = now or utcnow()
     rng = rng or _rng
-    settings = project_settings(project)
-    want_gold = rng.random() < settings.gold_rate
+    found = project if isinstance(project, Project) else None
+    settings: ProjectSettings | None = None
+    want_gold = False
     postgres = session.get_bind().dialect.name == "postgresql"
     wait = False
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
         try:
-            session.execute(_LOCK_RATER, {"rater_id": rater.id})
+            if found is None:
+                found = session.scalars(
+                    _LOCK_RATER_IN_PROJECT, {"rater_id": rater.id, "slug": project}
+                ).one_or_none()
+                if found is None:
+                    raise NotFound(f"project {project!r} not found")
+            else:
+                session.execute(_LOCK_RATER, {"rater_id": rater.id})
+            if settings is None:
+                settings = project_settings(found)
+                want_gold = rng.random() < settings.gold_rate
+            project_id = found.id
             current = session.scalar(
-                _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project.id, "now": now}
+                _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}
             )
             if current is not None:
                 session.commit()
@@ -326,7 +350,7 @@ def next_assignment(
             # The kind drawn first, then the other, so "nothing left" means nothing at all.
             for gold in (want_gold, not want_gold):
                 pair = _claim_pair(
-                    session, project.id, rater.id, now, gold=gold, wait=wait, excluded=excluded
+                    session, project_id, rater.id, now, gold=gold, wait=wait, excluded=excluded
                 )
                 if pair is not None:
                     break
@@ -340,7 +364,7 @@ def next_assignment(
                 session.commit()
                 return None
             lease = {
-                "project_id": project.id,
+                "project_id": project_id,
                 "pair_id": pair.id,
                 "rater_id": rater.id,
                 "shown_left": rng.choice(("a", "b")),
