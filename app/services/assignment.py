@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased, contains_eager, joinedload
+from sqlalchemy.orm import Session, aliased, contains_eager, joinedload, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.models import (
@@ -160,10 +160,10 @@ _CURRENT_LEASE = (
 # The lease, inserted only if the locked pair still has room (gold pairs are not capped).
 # Run as a new statement while the pair's row lock is held: under READ COMMITTED it sees every
 # lease committed by whoever held the lock before us, which the claim's older snapshot might
-# not have seen. It inserts nothing when the pair filled up meanwhile. A Core INSERT read back
-# as ORM rows: the ORM's own INSERT would take the parameters for rows of a bulk insert.
+# not have seen. It inserts nothing when the pair filled up meanwhile. Core, returning the id
+# only: the caller builds the Assignment from what it inserted (no ORM result handling).
 _ASSIGNMENTS = cast(Table, Assignment.__table__)
-_LEASE = select(Assignment).from_statement(
+_LEASE = (
     insert(_ASSIGNMENTS)
     .from_select(
         ["project_id", "pair_id", "rater_id", "status", "shown_left", "leased_at", "expires_at"],
@@ -184,7 +184,7 @@ _LEASE = select(Assignment).from_statement(
             ),
         ),
     )
-    .returning(*_ASSIGNMENTS.c)
+    .returning(_ASSIGNMENTS.c.id)
 )
 
 
@@ -340,7 +340,8 @@ def next_assignment(
                 settings = project_settings(found)
                 want_gold = rng.random() < settings.gold_rate
             project_id = found.id
-            current = session.scalar(
+            # On the session's connection: a plain id, so none of the ORM's result handling.
+            current = session.connection().scalar(
                 _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}
             )
             if current is not None:
@@ -363,17 +364,33 @@ def next_assignment(
                     continue
                 session.commit()
                 return None
+            shown_left = rng.choice(("a", "b"))
+            expires_at = now + timedelta(seconds=settings.lease_ttl_s)
             lease = {
                 "project_id": project_id,
                 "pair_id": pair.id,
                 "rater_id": rater.id,
-                "shown_left": rng.choice(("a", "b")),
+                "shown_left": shown_left,
                 "now": now,
-                "expires_at": now + timedelta(seconds=settings.lease_ttl_s),
+                "expires_at": expires_at,
             }
-            assignment = session.scalars(_LEASE, lease).one_or_none()
-            if assignment is None:
+            assignment_id = session.connection().scalar(_LEASE, lease)
+            if assignment_id is None:
                 raise _Full(pair.id)
+            assignment = Assignment(
+                id=assignment_id,
+                project_id=project_id,
+                pair_id=pair.id,
+                rater_id=rater.id,
+                status="leased",
+                shown_left=shown_left,
+                leased_at=now,
+                expires_at=expires_at,
+                completed_at=None,
+                skip_reason=None,
+            )
+            make_transient_to_detached(assignment)  # the row as inserted, now in the session
+            session.add(assignment)
             set_committed_value(assignment, "pair", pair)  # loaded already, with its content
             session.commit()
             return assignment

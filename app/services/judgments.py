@@ -22,7 +22,7 @@ from app.models.projects import CHOICES
 from app.services import audit
 from app.services.assignment import is_live
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
-from app.services.projects import ProjectSettings, project_settings
+from app.services.projects import ProjectSettings
 
 FLAGS = ("unsafe", "personal_data", "broken")
 ASPECT_VALUES = ("a", "b", "tie")
@@ -174,7 +174,7 @@ def _existing(session: Session, assignment_id: int) -> Judgment | None:
 
 # Built once: a submit runs these on every call (see app/services/assignment.py on why).
 _LOCK_ASSIGNMENT = (
-    select(Assignment, Project)
+    select(Assignment, Project.settings)
     .join(Project, Project.id == Assignment.project_id)
     .where(Assignment.id == bindparam("assignment_id", type_=Integer))
     .with_for_update(of=Assignment)
@@ -204,12 +204,15 @@ _MARK_SUBMITTED = (
 
 def _lock_own_assignment(
     session: Session, assignment_id: int, rater: User
-) -> tuple[Assignment, Project]:
-    """The rater's assignment, row-locked, with its project (one statement); else NotFound."""
+) -> tuple[Assignment, ProjectSettings]:
+    """The rater's assignment, row-locked, with its project's settings (one statement).
+
+    NotFound for anyone else's.
+    """
     row = session.execute(_LOCK_ASSIGNMENT, {"assignment_id": assignment_id}).first()
     if row is None or row[0].rater_id != rater.id:
         raise NotFound(f"assignment {assignment_id} not found")
-    return row[0], row[1]
+    return row[0], ProjectSettings.model_validate(row[1] or {})
 
 
 def _count_judgment(session: Session, pair_id: int) -> str | None:
@@ -238,8 +241,8 @@ def submit(
     """
     now = now or utcnow()
     try:
-        assignment, project = _lock_own_assignment(session, assignment_id, rater)
-        clean = validate(data, project_settings(project))
+        assignment, settings = _lock_own_assignment(session, assignment_id, rater)
+        clean = validate(data, settings)
         if assignment.status == "submitted":
             # Only a submit stores a judgment with an assignment, and it marks the assignment
             # submitted in the same transaction. Read by a new statement: if the lock above

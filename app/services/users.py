@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,22 +102,34 @@ def create_token(session: Session, user: User, name: str) -> IssuedToken:
     return IssuedToken(token=token, secret=secret)
 
 
+# Built once, like the other statements every API call runs (see app/services/assignment.py):
+# building and cache-keying this select cost about as much CPU as running it. The user as an
+# entity, the token as plain columns: loading a second entity costs CPU nothing here needs.
+_USER_FOR_TOKEN = (
+    select(User, ApiToken.id, ApiToken.revoked_at, ApiToken.last_used_at)
+    .join(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_hash == bindparam("token_hash", type_=String))
+)
+_TOUCH_TOKEN = (
+    update(ApiToken)
+    .where(ApiToken.id == bindparam("token_id"))
+    .values(last_used_at=bindparam("now"))
+    .execution_options(synchronize_session=False)
+)
+
+
 def user_for_token(session: Session, secret: str) -> User | None:
     """The active user a bearer token belongs to, or None if unknown, revoked or inactive."""
     # One round trip for token and user: this runs on every API request.
-    row = session.execute(
-        select(ApiToken, User)
-        .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_hash == security.hash_api_token(secret))
-    ).first()
+    row = session.execute(_USER_FOR_TOKEN, {"token_hash": security.hash_api_token(secret)}).first()
     if row is None:
         return None
-    token, user = row
-    if token.revoked_at is not None or not user.is_active:
+    user, token_id, revoked_at, last_used_at = row
+    if revoked_at is not None or not user.is_active:
         return None
     now = utcnow()
-    if token.last_used_at is None or now - token.last_used_at > TOKEN_TOUCH_INTERVAL:
-        token.last_used_at = now
+    if last_used_at is None or now - last_used_at > TOKEN_TOUCH_INTERVAL:
+        session.execute(_TOUCH_TOKEN, {"token_id": token_id, "now": now})
         session.commit()
     return user
 
