@@ -117,29 +117,40 @@ class GoldOut(BaseModel):
     gold_choice: str | None
 
 
+def _json(model: BaseModel) -> Response:
+    """`model` as the JSON body FastAPI would send for it, serialized in the endpoint's thread.
+
+    FastAPI validates a sync endpoint's return value against its response model in the thread
+    pool, a second thread hand-off per call; a Response is sent as it is. The model needs no
+    second validation: it was just built, and validated, from the database's row.
+    """
+    return Response(content=model.model_dump_json(), media_type="application/json")
+
+
 @router.get(
     "/projects/{slug}/assignments/next",
     response_model=AssignmentOut,
     responses={204: {"description": "nothing left for you in this project"}},
 )
-def next_assignment(slug: str, call: RaterCallDep) -> AssignmentOut | Response:
+def next_assignment(slug: str, call: RaterCallDep) -> Response:
     """Lease the next comparison (or return the one you already hold); 204 when none is left."""
     with call.open() as (session, user):
         assignment = assignment_service.next_assignment(session, slug, user)
         if assignment is None:
             return Response(status_code=status.HTTP_204_NO_CONTENT)
-        return AssignmentOut.of(assignment, slug)
+        return _json(AssignmentOut.of(assignment, slug))
 
 
 @router.post(
     "/assignments/{assignment_id}/judgment",
+    response_model=JudgmentOut,
     responses={409: {"description": "skipped, judged differently, or expired and full"}},
 )
-def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) -> JudgmentOut:
+def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) -> Response:
     """Store your judgment. Sending the same body again returns the same stored judgment."""
     data = judgments.JudgmentInput(**body.model_dump())
     with call.open() as (session, user):
-        return JudgmentOut.of(judgments.submit(session, assignment_id, user, data))
+        return _json(JudgmentOut.of(judgments.submit(session, assignment_id, user, data)))
 
 
 @router.post("/assignments/{assignment_id}/skip")
