@@ -144,7 +144,7 @@ _LOCK_RATER = select(User.id).where(User.id == _RATER).with_for_update(key_share
 # The same lock, also reading the project by its slug: the API's `next` names the project by
 # slug, and one statement instead of two is a round trip and a statement's CPU less per call.
 _LOCK_RATER_IN_PROJECT = (
-    select(Project)
+    select(Project.id, Project.settings)
     .join(User, User.id == _RATER)
     .where(Project.slug == bindparam("slug", type_=String))
     .with_for_update(of=User, key_share=True)
@@ -320,26 +320,29 @@ def next_assignment(
     """
     now = now or utcnow()
     rng = rng or _rng
-    found = project if isinstance(project, Project) else None
+    project_id: int | None = None
     settings: ProjectSettings | None = None
-    want_gold = False
+    if isinstance(project, Project):
+        project_id, settings = project.id, project_settings(project)
+    want_gold = settings is not None and rng.random() < settings.gold_rate
     postgres = session.get_bind().dialect.name == "postgresql"
     wait = False
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
         try:
-            if found is None:
-                found = session.scalars(
-                    _LOCK_RATER_IN_PROJECT, {"rater_id": rater.id, "slug": project}
-                ).one_or_none()
-                if found is None:
+            if project_id is None or settings is None:
+                row = (
+                    session.connection()
+                    .execute(_LOCK_RATER_IN_PROJECT, {"rater_id": rater.id, "slug": project})
+                    .first()
+                )
+                if row is None:
                     raise NotFound(f"project {project!r} not found")
+                project_id = row.id
+                settings = ProjectSettings.model_validate(row.settings or {})
+                want_gold = rng.random() < settings.gold_rate
             else:
                 session.execute(_LOCK_RATER, {"rater_id": rater.id})
-            if settings is None:
-                settings = project_settings(found)
-                want_gold = rng.random() < settings.gold_rate
-            project_id = found.id
             # On the session's connection: a plain id, so none of the ORM's result handling.
             current = session.connection().scalar(
                 _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}
