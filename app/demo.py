@@ -159,6 +159,19 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _worker(name: str, queue: str, node: str, logs: Path) -> Child:
+    """A solo Celery worker consuming one queue."""
+    return Child(
+        name,
+        [
+            sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
+            "-Q", queue, "-n", f"{node}@%h", "--loglevel=info",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ],
+        logs / f"{name}.log",
+    )  # fmt: skip
+
+
 def demo_children(settings: Settings, host: str, port: int) -> list[Child]:
     """Model worker first (it is the slowest to be useful), the housekeeping worker, the web
     server, then beat."""
@@ -166,26 +179,10 @@ def demo_children(settings: Settings, host: str, port: int) -> list[Child]:
     logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     return [
-        Child(
-            "worker",
-            [
-                py, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
-                "-Q", GPU_QUEUE, "-n", "demo@%h", "--loglevel=info",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-            ],
-            logs / "worker.log",
-        ),
+        _worker("worker", GPU_QUEUE, "demo", logs),
         # Housekeeping (the reaper, lease sweep, reward-run trigger) on its own small worker,
         # so a long model run never holds back an expired lease or a stale-run check.
-        Child(
-            "housekeeping",
-            [
-                py, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
-                "-Q", DEFAULT_QUEUE, "-n", "demo-housekeeping@%h", "--loglevel=info",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-            ],
-            logs / "housekeeping.log",
-        ),
+        _worker("housekeeping", DEFAULT_QUEUE, "demo-housekeeping", logs),
         Child(
             "web",
             [
