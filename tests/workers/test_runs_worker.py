@@ -8,6 +8,7 @@ import signal
 import pytest
 import sqlalchemy as sa
 
+from app.core.db import new_session
 from app.models import AuditEvent, ComparisonPair, Response, Run, RunMetric
 from app.services import dispatch, projects, runs
 from tests.workers.conftest import Stack, wait_for
@@ -96,7 +97,10 @@ def test_cancel_stops_a_running_run_and_drops_a_queued_one(live: Stack) -> None:
     second = _start(live, "cancel", {"batch_size": 2})
     wait_for(lambda: live.run_row(first.id).progress_done >= 1, 120, "the first run to progress")
 
-    with live.session() as s:
+    # The app's own session (on SQLite its transactions begin immediate): a test session reads
+    # deferred, and upgrading that read to cancel_run's write fails at once with "database is
+    # locked" when the worker committed progress in between.
+    with new_session(live.database_url) as s:
         queued = runs.cancel_run(s, runs.get_run(s, second.id), settings=live.settings)
         assert queued.status == "cancelled"  # a queued run ends at once
         running = runs.cancel_run(s, runs.get_run(s, first.id), settings=live.settings)
