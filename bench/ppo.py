@@ -103,9 +103,12 @@ class PhaseClock:
     def now() -> tuple[float, float]:
         return time.perf_counter(), time.process_time()
 
-    def sampled(self, tokens: int) -> None:
+    def sampling_starts(self) -> None:
+        """Called before every sampling call; the step's first one starts its rollout."""
         if self._rollout_start is None:
             self._rollout_start = self.now()
+
+    def sampled(self, tokens: int) -> None:
         self._step_tokens += tokens
 
     def update_started(self) -> None:
@@ -181,6 +184,7 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     original_sample, original_update = ppo.sample_responses, ppo._ppo_update
 
     def timed_sample(*a: Any, **kw: Any) -> Any:
+        clock.sampling_starts()
         out = original_sample(*a, **kw)
         clock.sampled(real_tokens(out[0], a[5]))  # a[5]: eos_token_id
         return out
@@ -246,6 +250,7 @@ def run_trl(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     original_generation, original_forward = module.batch_generation, module.forward
 
     def timed_generation(model: Any, queries: Any, *rest: Any, **kw: Any) -> Any:
+        clock.sampling_starts()
         out = original_generation(model, queries, *rest, **kw)
         clock.sampled(real_tokens(out[0][:, queries.shape[1] :], eos))
         return out

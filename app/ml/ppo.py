@@ -66,7 +66,14 @@ ScoreFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor | 
 
 CHECKPOINT_FILE = "ppo_checkpoint.pt"
 # Fields that may change between a run and its resumption without changing the trajectory.
-_RESUMABLE_FIELDS = {"total_steps", "checkpoint_every", "sample_every", "num_sample_rows"}
+# Settings that change speed or bookkeeping but not the trajectory: a checkpoint resumes under any.
+_RESUMABLE_FIELDS = {
+    "total_steps",
+    "checkpoint_every",
+    "sample_every",
+    "num_sample_rows",
+    "reuse_rollout_values",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +139,12 @@ class PPOConfig:
     )
     rollout_forward_batch_size: int = _f(
         16, "Sequences per no-grad forward/generation chunk during the rollout."
+    )
+    reuse_rollout_values: bool = _f(
+        True,
+        "Run the rollout's value pass for the first minibatch with gradients and train on it "
+        "in the first PPO epoch (same weights, same numbers), instead of running it twice. "
+        "Holds that minibatch's value activations from the rollout to its update.",
     )
     reward_max_length: int = _f(1024, "Token limit of a reward-model input (start is cut).")
     sample_every: int = _f(5, "Store a table of sample responses every this many steps.")
@@ -321,15 +334,20 @@ def value_loss(
     mask: torch.Tensor,
     cliprange_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2) over real tokens; and clipfrac."""
-    clipped_values = old_values + torch.clamp(
-        new_values - old_values, -cliprange_value, cliprange_value
-    )
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2) over real tokens; and clipfrac.
+
+    clipfrac counts the tokens whose clip is active (|v - v_old| > the range) and decides the
+    max. Comparing the two losses alone would also count rounding: `v_old + (v - v_old)` is
+    not always `v` in floating point.
+    """
+    delta = new_values - old_values
+    clipped_values = old_values + torch.clamp(delta, -cliprange_value, cliprange_value)
     loss_unclipped = (new_values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
     with torch.no_grad():
-        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+        active = (delta.abs() > cliprange_value) & (loss_clipped > loss_unclipped)
+        clipfrac = masked_mean(active.float(), mask)
     return loss, clipfrac
 
 
@@ -475,6 +493,19 @@ def _returned_cache(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `[batch, vocab]` probabilities, from one uniform draw per row.
+
+    `torch.multinomial` draws an exponential for every vocabulary entry (49k per row for
+    SmolLM2), which on a CPU costs as much as a sizeable share of a decode step; a cumulative
+    sum and a binary search do the same job. `right=True` skips zero-probability tokens.
+    """
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    choice = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+    return choice.clamp(max=probs.shape[-1] - 1).squeeze(1)
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
@@ -511,7 +542,7 @@ def sample_responses(
     token_logprobs: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        token = _inverse_cdf_sample(logp.exp(), generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
@@ -693,19 +724,35 @@ class MergedLoraSampler:
             if isinstance(module, LoraLayer):
                 target = self.model.get_submodule(names[id(module)])
                 assert isinstance(target, nn.Linear), f"LoRA on {type(target).__name__}"
+                if not _plain_lora(module, list(module.active_adapters)):
+                    raise ValueError(
+                        f"{names[id(module)]}: only plain LoRA (W + scale * B @ A) can be merged "
+                        "for sampling; DoRA and transposed weights are not supported"
+                    )
                 self._pairs.append((module, target))
         if not self._pairs:
             raise ValueError("the LoRA policy has no adapted linear layers")
 
     @torch.no_grad()
     def sync(self) -> nn.Module:
+        """Rewrite every adapted weight as `W + scale * B @ A`; returns the merged model."""
         for lora_layer, target in self._pairs:
-            delta = sum(
-                (lora_layer.get_delta_weight(name) for name in lora_layer.active_adapters),
-                torch.zeros_like(target.weight),
-            )
-            target.weight.copy_(lora_layer.base_layer.weight + delta)
+            base, adapters = lora_layer.base_layer.weight, list(lora_layer.active_adapters)
+            target.weight.copy_(base)  # then one fused multiply-add per adapter
+            for name in adapters:
+                b, a = lora_layer.lora_B[name].weight, lora_layer.lora_A[name].weight
+                target.weight.addmm_(b, a, alpha=float(lora_layer.scaling[name]))
         return self.model
+
+
+def _plain_lora(layer: Any, adapters: list[str]) -> bool:
+    """Whether each adapter's delta is exactly `scaling * B.weight @ A.weight`."""
+    return not getattr(layer, "fan_in_fan_out", False) and all(
+        name in layer.lora_A
+        and isinstance(layer.lora_A[name], nn.Linear)
+        and not layer.use_dora.get(name, False)
+        for name in adapters
+    )
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -1026,7 +1073,7 @@ def train_ppo(
             query_responses = torch.cat([query_ids, responses], dim=1)
             attention_mask = torch.cat([query_mask, mask.long()], dim=1)
 
-            ref_l, values_l = [], []
+            ref_l = []
             for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
                 ids, att, ctx, _ = trim_padding(
                     query_responses[sl], attention_mask[sl], context_length
@@ -1034,10 +1081,13 @@ def train_ppo(
                 with ref_context():
                     ref_lp, _ = forward_logprobs(ref_model, ids, att, ctx, config.temperature)
                 ref_l.append(ref_lp)
-                values_l.append(token_values(value_model, ids, att)[:, ctx - 1 : -1])
             width = responses.shape[1]
             ref_logprobs = _pad_right(ref_l, 0.0, width) * mask
-            values = _pad_right(values_l, 0.0, width)
+            # The first epoch's order is drawn now: its first minibatch may train on these values.
+            first_order = torch.randperm(config.batch_size, generator=shuffle_gen).to(device)
+            values, kept_values = _rollout_values(
+                config, value_model, query_responses, attention_mask, context_length, first_order
+            )
 
             lengths = mask.sum(1)
             has_eos = ((responses == eos_id) & mask).any(1)
@@ -1064,7 +1114,11 @@ def train_ppo(
 
         # -- Update: several epochs of clipped PPO over shuffled minibatches.
         update_start = time.perf_counter()
-        stats = _ppo_update(config, policy, value_model, optimizer, params, rollout, shuffle_gen)
+        stats = _ppo_update(
+            config, policy, value_model, optimizer, params, rollout, shuffle_gen, first_order,
+            kept_values,
+        )  # fmt: skip
+        del kept_values  # whatever the update did not consume (nothing, normally)
         update_end = time.perf_counter()
 
         sequence_kl = kl.sum(1)
@@ -1116,6 +1170,48 @@ def train_ppo(
     return PPOResult(output_dir, config.total_steps, final_metrics, history, samples)
 
 
+def _rollout_values(
+    config: PPOConfig,
+    value_model: nn.Module,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    first_order: torch.Tensor,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The value model's `[batch, resp_len]` estimates, and the graphs the first epoch reuses.
+
+    Until the first optimizer step the update trains the very network the rollout scores
+    with, so the first minibatch's value forward pass in epoch one would repeat this one
+    number for number. With `reuse_rollout_values` that minibatch is scored here, micro-batch
+    by micro-batch as the update will slice it, with gradients on; the returned dict maps each
+    micro-batch's position in the minibatch to its values *with* their graph, and the update
+    trains on them instead of running the value model again. The other rows are scored
+    without gradients.
+    """
+    batch, width = query_responses.shape[0], query_responses.shape[1] - context_length
+    values = torch.zeros(batch, width, device=query_responses.device)
+    kept: dict[int, torch.Tensor] = {}
+    rest = first_order
+    if config.reuse_rollout_values:
+        micro = config.mini_batch_size // config.gradient_accumulation_steps
+        head, rest = first_order[: config.mini_batch_size], first_order[config.mini_batch_size :]
+        for n, sl in enumerate(_chunks(len(head), micro)):
+            idx = head[sl]
+            ids, att, ctx, length = trim_padding(
+                query_responses[idx], attention_mask[idx], context_length
+            )
+            with torch.enable_grad():
+                kept[n] = token_values(value_model, ids, att)[:, ctx - 1 : -1]
+            values[idx, :length] = kept[n].detach()
+    for sl in _chunks(len(rest), config.rollout_forward_batch_size):
+        idx = rest[sl]
+        ids, att, ctx, length = trim_padding(
+            query_responses[idx], attention_mask[idx], context_length
+        )
+        values[idx, :length] = token_values(value_model, ids, att)[:, ctx - 1 : -1]
+    return values, kept
+
+
 def _ppo_update(
     config: PPOConfig,
     policy: nn.Module,
@@ -1124,19 +1220,29 @@ def _ppo_update(
     params: list[nn.Parameter],
     rollout: _Rollout,
     shuffle_gen: torch.Generator,
+    first_order: torch.Tensor,
+    kept_values: dict[int, torch.Tensor],
 ) -> dict[str, float]:
-    """`ppo_epochs` passes of clipped policy + value updates; returns mean diagnostics."""
+    """`ppo_epochs` passes of clipped policy + value updates; returns mean diagnostics.
+
+    `first_order` is epoch one's permutation (drawn at the rollout); `kept_values` are the
+    rollout's value estimates with their graphs for the micro-batches of its first minibatch
+    (see `_rollout_values`), consumed, and so released, as they are trained on.
+    """
     batch = rollout.query_responses.shape[0]
     micro = config.mini_batch_size // config.gradient_accumulation_steps
     context_length = rollout.context_length
     totals: dict[str, float] = {}
     count = 0
-    for _ in range(config.ppo_epochs):
-        order = torch.randperm(batch, generator=shuffle_gen).to(rollout.mask.device)
+    for epoch in range(config.ppo_epochs):
+        if epoch == 0:
+            order = first_order
+        else:
+            order = torch.randperm(batch, generator=shuffle_gen).to(rollout.mask.device)
         for mb_start in range(0, batch, config.mini_batch_size):
             minibatch = order[mb_start : mb_start + config.mini_batch_size]
             optimizer.zero_grad(set_to_none=True)
-            for mc_start in range(0, len(minibatch), micro):
+            for n, mc_start in enumerate(range(0, len(minibatch), micro)):
                 idx = minibatch[mc_start : mc_start + micro]
                 ids, att, ctx, length = trim_padding(
                     rollout.query_responses[idx], rollout.attention_mask[idx], context_length
@@ -1145,7 +1251,10 @@ def _ppo_update(
                 new_logprobs, entropy = forward_logprobs(
                     policy, ids, att, ctx, config.temperature, with_entropy=True
                 )
-                new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
+                if epoch == 0 and mb_start == 0 and n in kept_values:
+                    new_values = kept_values.pop(n)
+                else:
+                    new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
                 pg_loss, pg_stats = policy_loss(
                     new_logprobs,
                     rollout.logprobs[idx, :length],

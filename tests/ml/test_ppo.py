@@ -218,6 +218,11 @@ def test_value_loss_by_hand() -> None:
     # token 0: clipped value 0.2 -> max(0.25, 0.64) = 0.64; token 1: max(1.21, 1.21).
     assert float(loss) == pytest.approx(0.5 * (0.64 + 1.21) / 2, abs=1e-6)
     assert float(clipfrac) == pytest.approx(0.5)
+    # A move inside the range is never counted, whatever the two losses' last bits say.
+    old, new = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.15, -0.5]])
+    both = torch.ones(1, 2, dtype=torch.bool)
+    _, clipfrac = ppo.value_loss(new, old, torch.tensor([[1.0, 1.0]]), both, 0.2)
+    assert float(clipfrac) == 0.0  # token 1 is clipped but the clip lowers its loss
 
 
 # ---- KL controllers -----------------------------------------------------------------------------
@@ -295,6 +300,61 @@ def test_trimmed_slice_scores_exactly_like_the_full_width_batch(tmp_path: Path) 
     trimmed_values = ppo.token_values(value_model, t_ids, t_att)[:, t_ctx - 1 : -1]
     full_values = ppo.token_values(value_model, full, attention)[:, ctx - 1 : -1]
     assert torch.allclose(trimmed_values[mask[:, :4]], full_values[mask], atol=1e-5)
+
+
+def test_inverse_cdf_sampler_draws_from_the_distribution() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([ppo._inverse_cdf_sample(probs, gen) for _ in range(20000)])
+    counts = torch.stack([torch.bincount(draws[:, r], minlength=5) for r in range(2)])
+    assert counts[0, [0, 2]].sum() == 0  # a zero-probability token is never drawn
+    assert torch.allclose(counts[0].float() / 20000, probs[0], atol=0.015)
+    assert (draws[:, 1] == 4).all()
+    # Unnormalised rows work too (the draw is scaled by each row's total).
+    assert ppo._inverse_cdf_sample(torch.tensor([[0.0, 3.0]]), gen).item() == 1
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_reusing_the_rollout_value_pass_changes_nothing(tmp_path: Path, use_lora: bool) -> None:
+    """The first minibatch of epoch one trains on the rollout's value graph; same trajectory."""
+    policy_dir = save_tiny_model(tmp_path / "policy", pad_equals_eos=True)
+    rm_dir = save_tiny_reward_model(tmp_path / "rm")
+    results = {}
+    for reuse in (True, False):
+        config = tiny_config(
+            total_steps=2,
+            gradient_accumulation_steps=2,  # two micro-batches per minibatch, two minibatches
+            rollout_forward_batch_size=3,  # the unreused rows in chunks of another size
+            use_lora=use_lora,
+            lora_r=4,
+            lora_alpha=8,
+            learning_rate=1e-3,
+            reuse_rollout_values=reuse,
+        )
+        results[reuse] = ppo.train_ppo(
+            config, policy_dir, str(rm_dir), PROMPTS, tmp_path / f"o{reuse}",
+            tmp_path / f"c{reuse}",
+        )  # fmt: skip
+    reused, recomputed = results[True], results[False]
+    for a, b in zip(reused.history, recomputed.history, strict=True):
+        same = [k for k in a if not k.startswith("time/")]
+        assert [a[k] for k in same] == pytest.approx([b[k] for k in same], rel=1e-4, abs=1e-5)
+    assert reused.history[-1]["loss/value"] != 0.0  # the value model did train
+    ma = AutoModelForCausalLM.from_pretrained(str(reused.output_dir)).state_dict()
+    mb = AutoModelForCausalLM.from_pretrained(str(recomputed.output_dir)).state_dict()
+    for name, tensor in ma.items():
+        assert torch.allclose(tensor, mb[name], atol=1e-5), name
+
+
+def test_merged_lora_sampler_refuses_dora(tmp_path: Path) -> None:
+    from peft import get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(save_tiny_model(tmp_path / "policy")))
+    sampler = ppo.MergedLoraSampler(base)
+    config = ppo.lora_config(4, 8, "all-linear", "CAUSAL_LM")
+    config.use_dora = True  # its merge rescales W + BA per column: not W + BA
+    with pytest.raises(ValueError, match="only plain LoRA"):
+        sampler.attach(get_peft_model(base, config))
 
 
 def test_merged_lora_sampler_scores_like_the_adapted_policy(tmp_path: Path) -> None:
