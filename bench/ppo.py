@@ -460,6 +460,8 @@ def markdown(
 NOTES = [
     "Reading the figures: wall-clock rates move with whatever else the shared cores run; the",
     "per-CPU-second rates count only this process's work and are the steadier comparison.",
+    "The rollout phase runs from the start of the step's first sampling call (sampling, then",
+    "the reference, value and reward passes) to the start of the update.",
     "Both implementations keep the sampler's log-probabilities as pi_old. Ours asks the model",
     "for logits at response positions only, where TRL computes them for every position;",
     "with LoRA, ours makes the value model the reward model plus adapters (the reward is read",
@@ -467,7 +469,9 @@ NOTES = [
     "reward model, which is where most of the LoRA memory difference comes from. With LoRA,",
     "ours samples from a merged copy of the policy (W + BA, rewritten from the base before",
     "each rollout) instead of through the adapter layers. Each of our micro-batches drops the",
-    "columns that are padding in all of its rows (exact: padding is masked). TRL infers",
+    "columns that are padding in all of its rows (exact: padding is masked). Ours runs the",
+    "value pass of the first minibatch once, with gradients, at the rollout, and epoch one",
+    "trains on it (the weights have not moved yet), where TRL runs it twice. TRL infers",
     "padding from the pad id, which for SmolLM2 equals EOS; this changes what it trains on,",
     "not its speed.",
 ]
