@@ -255,7 +255,7 @@ def run_demo(host: str, port: int) -> None:
         )
     if run is not None:
         print(f"  generation:   run {run.id} queued (SmolLM2); watch: verdict runs watch {run.id}")
-    print(f"  logs:         {settings.var_dir / 'logs'}/{{web,worker,scheduler}}.log")
+    print(f"  logs:         {settings.var_dir / 'logs'}/{{web,worker,housekeeping,scheduler}}.log")
     print("  Ctrl-C stops everything.")
     print(flush=True)
 
