@@ -57,6 +57,7 @@ from transformers import (
 )
 
 from app.ml.chat import inert_messages
+from app.ml.generation import inverse_cdf_sample
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
 
@@ -65,7 +66,6 @@ PromptLike = str | Sequence[Mapping[str, str]]
 ScoreFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor | Sequence[float]]
 
 CHECKPOINT_FILE = "ppo_checkpoint.pt"
-# Fields that may change between a run and its resumption without changing the trajectory.
 # Settings that change speed or bookkeeping but not the trajectory: a checkpoint resumes under any.
 _RESUMABLE_FIELDS = {
     "total_steps",
@@ -493,19 +493,6 @@ def _returned_cache(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `[batch, vocab]` probabilities, from one uniform draw per row.
-
-    `torch.multinomial` draws an exponential for every vocabulary entry (49k per row for
-    SmolLM2), which on a CPU costs as much as a sizeable share of a decode step; a cumulative
-    sum and a binary search do the same job. `right=True` skips zero-probability tokens.
-    """
-    cdf = probs.cumsum(dim=-1)
-    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-    choice = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-    return choice.clamp(max=probs.shape[-1] - 1).squeeze(1)
-
-
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
@@ -542,7 +529,8 @@ def sample_responses(
     token_logprobs: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature, dim=-1)
-        token = _inverse_cdf_sample(logp.exp(), generator)
+        uniforms = torch.rand(batch, generator=generator, device=logits.device)
+        token = inverse_cdf_sample(logp.exp(), uniforms)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))

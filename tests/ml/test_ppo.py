@@ -303,15 +303,20 @@ def test_trimmed_slice_scores_exactly_like_the_full_width_batch(tmp_path: Path) 
 
 
 def test_inverse_cdf_sampler_draws_from_the_distribution() -> None:
+    from app.ml.generation import inverse_cdf_sample
+
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 0.0, 1.0]])
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([ppo._inverse_cdf_sample(probs, gen) for _ in range(20000)])
+    draws = torch.stack(
+        [inverse_cdf_sample(probs, torch.rand(2, generator=gen)) for _ in range(20000)]
+    )
     counts = torch.stack([torch.bincount(draws[:, r], minlength=5) for r in range(2)])
     assert counts[0, [0, 2]].sum() == 0  # a zero-probability token is never drawn
     assert torch.allclose(counts[0].float() / 20000, probs[0], atol=0.015)
     assert (draws[:, 1] == 4).all()
-    # Unnormalised rows work too (the draw is scaled by each row's total).
-    assert ppo._inverse_cdf_sample(torch.tensor([[0.0, 3.0]]), gen).item() == 1
+    # Unnormalised rows work too (the draw is scaled by each row's total), and a uniform of 0
+    # still skips a leading zero-probability entry.
+    assert inverse_cdf_sample(torch.tensor([[0.0, 3.0]]), torch.zeros(1)).item() == 1
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
