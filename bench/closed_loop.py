@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": rounds, "final_version": final["version"], "comparison": comparison,
         "times": bench.times, "total_s": total, "prompts": n_prompts, "heldout": len(held),
         "base_policy": "tiny random model" if args.quick else "SmolLM2-135M-Instruct",
-        "args": vars(args),
+        "args": vars(args), "ppo_config": project_settings["loop_ppo_config"],
     }  # fmt: skip
     if not args.keep:
         shutil.rmtree(var, ignore_errors=True)
@@ -415,7 +415,7 @@ def load_heldout(settings: Settings, slug: str) -> list[str]:
 
 
 def section(result: dict[str, Any]) -> str:
-    cmp = result["comparison"]
+    cmp, ppo = result["comparison"], result["ppo_config"]
     lines = [
         SECTION, "",
         "Command: `.venv/bin/python bench/closed_loop.py`  ",
@@ -425,7 +425,10 @@ def section(result: dict[str, Any]) -> str:
         f"Policy: {result['base_policy']}; {result['prompts']} HH-RLHF first human turns "
         f"({result['heldout']} held out); rule: the more concise answer that still addresses the"
         f" question (≥ {MIN_WORDS} words, not cut off, shares a content word with the question;"
-        " see `bench/closed_loop.py`).",
+        " see `bench/closed_loop.py`).  ",
+        f"PPO per round: {'LoRA' if ppo['use_lora'] else 'full'}, {ppo['total_steps']} steps of "
+        f"{ppo['batch_size']}, learning rate {ppo['learning_rate']:g}, β {ppo['kl_coef']:g}; "
+        f"promotion: score gain ≥ 0 and KL ≤ {MAX_KL:g}.",
         "",
         f"**Final policy v{result['final_version']} vs base on held-out prompts, under the rule: "
         f"win rate {cmp['win_rate']:.1%}** ({cmp['wins']:.0f} wins, {cmp['ties']:.0f} ties of "
@@ -495,7 +498,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=80)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ppo-steps", type=int, default=12)
-    parser.add_argument("--ppo-lr", type=float, default=3e-4, help="PPO learning rate (LoRA)")
+    parser.add_argument(
+        "--ppo-lr",
+        type=float,
+        default=2e-4,
+        help="PPO learning rate (LoRA); at 3e-4 one round can move the policy 7 nats from its"
+        " parent (docs/benchmarks.md, runs 4 and 5)",
+    )
     parser.add_argument(
         "--min-reward-accuracy",
         type=float,
