@@ -51,14 +51,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    DynamicCache,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from app.ml.chat import inert_messages
-from app.ml.generation import MIN_SHARED_PREFIX, inverse_cdf_sample, skinny_decode_linears
+from app.ml.generation import inverse_cdf_sample, skinny_decode_linears
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
 
@@ -74,7 +73,6 @@ _RESUMABLE_FIELDS = {
     "sample_every",
     "num_sample_rows",
     "reuse_rollout_values",
-    "share_prompt_prefix",
 }
 
 
@@ -147,12 +145,6 @@ class PPOConfig:
         "Run the rollout's value pass for the first minibatch with gradients and train on it "
         "in the first PPO epoch (same weights, same numbers), instead of running it twice. "
         "Holds that minibatch's value activations from the rollout to its update.",
-    )
-    share_prompt_prefix: bool = _f(
-        True,
-        "In every forward pass over a batch, run the tokens all its rows start with (a chat "
-        "template's system prompt) once and let each row attend to that one copy. The same "
-        "numbers up to float rounding, fewer FLOPs.",
     )
     reward_max_length: int = _f(1024, "Token limit of a reward-model input (start is cut).")
     sample_every: int = _f(5, "Store a table of sample responses every this many steps.")
@@ -583,30 +575,22 @@ def forward_logprobs(
     context_length: int,
     temperature: float,
     with_entropy: bool = False,
-    share_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the response tokens (after `context_length`) under `model`.
 
     Logits are divided by the sampling temperature so the ratio pi/pi_old and the KL compare
     the distribution that was actually sampled from. Optionally also the per-token entropy.
-    `share_prefix`: see `forward_shared_prefix`.
     """
     response_length = query_responses.shape[1] - context_length
-    keep = response_length + 1
-
-    def run(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        return model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=cache is not None,
-            **({_CACHE_KWARG: cache} if cache is not None else {}),
-            **keep_last_logits(keep),
-        )
-
-    out = forward_shared_prefix(run, query_responses, attention_mask, keep, share_prefix)
+    out = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **keep_last_logits(response_length + 1),
+    )
     # Position ctx-1 predicts the first response token; the last position predicts nothing.
-    logits = out.logits[:, -keep:-1].float() / temperature
+    logits = out.logits[:, -(response_length + 1) : -1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     responses = query_responses[:, context_length:]
     logprobs = logp_all.gather(2, responses.unsqueeze(-1)).squeeze(-1)
@@ -615,63 +599,6 @@ def forward_logprobs(
         with torch.no_grad():  # a diagnostic: keep the [batch, len, vocab] product out of the graph
             entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
-
-
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> int:
-    """Tokens that every row of a left-padded batch starts with, outside its last `keep` columns.
-
-    Rows start at different columns (left padding); the prefix is counted from each row's first
-    real token. It never reaches into the last `keep` columns, whose outputs the caller reads.
-    """
-    if input_ids.shape[0] < 2:
-        return 0
-    first = attention_mask.long().argmax(1)
-    limit = input_ids.shape[1] - keep - int(first.max())
-    if limit <= 0:
-        return 0
-    columns = first[:, None] + torch.arange(limit, device=input_ids.device)
-    starts = input_ids.gather(1, columns)
-    differs = (starts != starts[:1]).any(0)
-    return int(differs.int().argmax()) if bool(differs.any()) else limit
-
-
-def forward_shared_prefix(
-    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], Any],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    keep: int,
-    enabled: bool = True,
-) -> Any:
-    """`run(ids, mask, positions, cache)` over a left-padded batch, its shared prefix run once.
-
-    Chat prompts start alike (SmolLM2's template puts the same system prompt before every
-    question), and a batch would compute that prefix's activations once per row. Here it runs
-    once, as a batch of one, and its KV cache is repeated to every row; each row then runs only
-    its own tokens, laid out as `[pads, own prompt, response]` after the prefix, and attends to
-    the prefix through the cache. Positions still count real tokens from the row's start, so the
-    numbers are the ones a full forward gives (up to float rounding), and with gradients on, the
-    prefix's gradient is the sum of its rows' contributions, as in the full forward. The caller
-    reads only the output's last `keep` columns, which are the same columns in both layouts.
-    Prefixes shorter than `MIN_SHARED_PREFIX` are not worth a second call.
-    """
-    shared = shared_prefix_length(input_ids, attention_mask, keep) if enabled else 0
-    if shared < MIN_SHARED_PREFIX:
-        return run(input_ids, attention_mask, position_ids_from_mask(attention_mask), None)
-    rows, width = input_ids.shape
-    first = attention_mask.long().argmax(1)
-    start = int(first[0])
-    prefix = input_ids[:1, start : start + shared]
-    positions = torch.arange(shared, device=input_ids.device)[None]
-    cache = DynamicCache()  # filled in place by the prefix's forward pass
-    run(prefix, torch.ones_like(prefix), positions, cache)
-    cache.batch_repeat_interleave(rows)
-    # Row i keeps its padding columns [0, first_i) and its tokens after the prefix.
-    columns = torch.arange(width - shared, device=input_ids.device)[None]
-    source = columns + shared * (columns >= first[:, None])
-    own_mask = attention_mask.gather(1, source)
-    full_mask = torch.cat([own_mask.new_ones(rows, shared), own_mask], dim=1)
-    own_positions = position_ids_from_mask(full_mask)[:, shared:]
-    return run(input_ids.gather(1, source), full_mask, own_positions, cache)
 
 
 def trim_padding(
@@ -708,36 +635,24 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     raise ValueError(f"{type(inner).__name__} has no scalar head named 'score' or 'classifier'")
 
 
-def token_values(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    keep: int,
-    share_prefix: bool = False,
-) -> Any:
-    """The scalar head at the last `keep` positions: `[batch, keep]` values (or rewards)."""
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The scalar head applied at every position: `[batch, len]` values (or rewards)."""
     backbone, head = _backbone_and_head(model)
-
-    def run(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        return backbone(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=cache is not None,
-            **({_CACHE_KWARG: cache} if cache is not None else {}),
-        )
-
-    out = forward_shared_prefix(run, input_ids, attention_mask, keep, share_prefix)
-    return head(out.last_hidden_state[:, -keep:]).squeeze(-1).float()
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
 
 
 class RewardModelScorer:
     """Scores (prompt, response text) pairs with a sequence-classification reward model.
 
     The response is re-rendered with the reward model's own tokenizer and chat template, as the
-    reward model saw its training pairs. Conversations are left-padded, so the score is read at
-    the last column, every row's last real token (never found from the pad id, which may equal
-    EOS).
+    reward model saw its training pairs, and the score is read at the last real token found from
+    the attention mask (never from the pad id, which may equal EOS).
     """
 
     def __init__(
@@ -747,10 +662,8 @@ class RewardModelScorer:
         max_length: int,
         batch_size: int,
         context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-        share_prefix: bool = False,
     ) -> None:
         self.model = model
-        self.share_prefix = share_prefix
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -786,8 +699,8 @@ class RewardModelScorer:
             chunk = rendered[start : start + self.batch_size]
             input_ids, mask = left_pad(chunk, pad, device)
             with self.context():
-                values = token_values(self.model, input_ids, mask, 1, self.share_prefix)
-            scores.append(values[:, -1])
+                values = token_values(self.model, input_ids, mask)
+            scores.append(values[torch.arange(len(chunk)), last_true_index(mask)])
         return torch.cat(scores)
 
 
@@ -1059,7 +972,6 @@ def train_ppo(
             config.reward_max_length,
             config.rollout_forward_batch_size,
             context=rm_context or contextlib.nullcontext,
-            share_prefix=config.share_prompt_prefix,
         )
 
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -1172,10 +1084,7 @@ def train_ppo(
                     query_responses[sl], attention_mask[sl], context_length
                 )
                 with ref_context():
-                    ref_lp, _ = forward_logprobs(
-                        ref_model, ids, att, ctx, config.temperature,
-                        share_prefix=config.share_prompt_prefix,
-                    )  # fmt: skip
+                    ref_lp, _ = forward_logprobs(ref_model, ids, att, ctx, config.temperature)
                 ref_l.append(ref_lp)
             width = responses.shape[1]
             ref_logprobs = _pad_right(ref_l, 0.0, width) * mask
@@ -1287,7 +1196,6 @@ def _rollout_values(
     batch, width = query_responses.shape[0], query_responses.shape[1] - context_length
     values = torch.zeros(batch, width, device=query_responses.device)
     kept: dict[int, torch.Tensor] = {}
-    share = config.share_prompt_prefix
     rest = first_order
     if config.reuse_rollout_values:
         micro = config.mini_batch_size // config.gradient_accumulation_steps
@@ -1298,14 +1206,14 @@ def _rollout_values(
                 query_responses[idx], attention_mask[idx], context_length
             )
             with torch.enable_grad():
-                kept[n] = token_values(value_model, ids, att, length + 1, share)[:, :-1]
+                kept[n] = token_values(value_model, ids, att)[:, ctx - 1 : -1]
             values[idx, :length] = kept[n].detach()
     for sl in _chunks(len(rest), config.rollout_forward_batch_size):
         idx = rest[sl]
         ids, att, ctx, length = trim_padding(
             query_responses[idx], attention_mask[idx], context_length
         )
-        values[idx, :length] = token_values(value_model, ids, att, length + 1, share)[:, :-1]
+        values[idx, :length] = token_values(value_model, ids, att)[:, ctx - 1 : -1]
     return values, kept
 
 
@@ -1329,7 +1237,6 @@ def _ppo_update(
     batch = rollout.query_responses.shape[0]
     micro = config.mini_batch_size // config.gradient_accumulation_steps
     context_length = rollout.context_length
-    share = config.share_prompt_prefix
     totals: dict[str, float] = {}
     count = 0
     for epoch in range(config.ppo_epochs):
@@ -1347,12 +1254,12 @@ def _ppo_update(
                 )
                 mask = rollout.mask[idx, :length]
                 new_logprobs, entropy = forward_logprobs(
-                    policy, ids, att, ctx, config.temperature, with_entropy=True, share_prefix=share
+                    policy, ids, att, ctx, config.temperature, with_entropy=True
                 )
                 if epoch == 0 and mb_start == 0 and n in kept_values:
                     new_values = kept_values.pop(n)
                 else:
-                    new_values = token_values(value_model, ids, att, length + 1, share)[:, :-1]
+                    new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
                 pg_loss, pg_stats = policy_loss(
                     new_logprobs,
                     rollout.logprobs[idx, :length],

@@ -297,67 +297,12 @@ def test_trimmed_slice_scores_exactly_like_the_full_width_batch(tmp_path: Path) 
     value_model = LlamaForSequenceClassification.from_pretrained(
         str(save_tiny_reward_model(tmp_path / "rm"))
     ).eval()
-    trimmed_values = ppo.token_values(value_model, t_ids, t_att, length + 1)[:, :-1]
-    full_values = ppo.token_values(value_model, full, attention, full.shape[1] - ctx + 1)[:, :-1]
+    trimmed_values = ppo.token_values(value_model, t_ids, t_att)[:, t_ctx - 1 : -1]
+    full_values = ppo.token_values(value_model, full, attention)[:, ctx - 1 : -1]
     assert torch.allclose(trimmed_values[mask[:, :4]], full_values[mask], atol=1e-5)
 
 
-def prefixed_batch(prefix_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Three left-padded prompts that start with the same `prefix_length` tokens, each with
-    a right-padded response of its own length; (ids, attention mask, context length)."""
-    prefix = list(range(40, 40 + prefix_length))
-    prompts = [prefix + [7], prefix + [8, 11, 12, 13], prefix + [14, 15]]
-    ids, qmask = ppo.left_pad(prompts, P, torch.device("cpu"))
-    responses = torch.tensor([[20, 21, 22, E, P], [23, E, P, P, P], [24, 25, 26, 27, 28]])
-    rmask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
-    return torch.cat([ids, responses], 1), torch.cat([qmask, rmask], 1), ids.shape[1]
-
-
-def test_shared_prefix_length_counts_from_each_rows_first_token() -> None:
-    ids, mask, ctx = prefixed_batch(10)
-    keep = ids.shape[1] - ctx + 1
-    assert ppo.shared_prefix_length(ids, mask, keep) == 10
-    ids[1, int(mask[1].argmax()) + 4] = 99  # row 1 departs at its fifth token
-    assert ppo.shared_prefix_length(ids, mask, keep) == 4
-    assert ppo.shared_prefix_length(ids[:1], mask[:1], keep) == 0  # one row shares nothing
-    # The prefix never reaches the columns the caller reads, even when every row is identical.
-    same, padding = ids[2:].repeat(2, 1), int(mask[2].argmax())
-    expected = same.shape[1] - keep - padding
-    assert ppo.shared_prefix_length(same, mask[2:].repeat(2, 1), keep) == expected
-
-
-def test_shared_prefix_forward_gives_the_full_forwards_numbers_and_gradients(
-    tmp_path: Path,
-) -> None:
-    """Log-probs and values, and their gradients, with the prefix run once or once per row."""
-    policy = AutoModelForCausalLM.from_pretrained(str(save_tiny_model(tmp_path / "p"))).eval()
-    value_model = LlamaForSequenceClassification.from_pretrained(
-        str(save_tiny_reward_model(tmp_path / "rm"))
-    ).eval()
-    ids, mask, ctx = prefixed_batch(12)
-    response_mask = mask[:, ctx:].bool()
-    keep = ids.shape[1] - ctx + 1
-    assert ppo.shared_prefix_length(ids, mask, keep) >= ppo.MIN_SHARED_PREFIX
-    outputs = {}
-    for share in (False, True):
-        policy.zero_grad()
-        value_model.zero_grad()
-        lp, _ = ppo.forward_logprobs(policy, ids, mask, ctx, 0.7, share_prefix=share)
-        values = ppo.token_values(value_model, ids, mask, keep, share)[:, :-1]
-        (lp[response_mask].sum() + values[response_mask].sum()).backward()
-        grads = [p.grad.clone() for m in (policy, value_model) for p in m.parameters()]
-        outputs[share] = (lp.detach(), values.detach(), grads)
-    (lp0, v0, g0), (lp1, v1, g1) = outputs[False], outputs[True]
-    assert torch.allclose(lp1[response_mask], lp0[response_mask], atol=1e-5)
-    assert torch.allclose(v1[response_mask], v0[response_mask], atol=1e-5)
-    for a, b in zip(g1, g0, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-    assert any(float(g.abs().sum()) > 0 for g in g0)
-
-
-def test_skinny_decode_linears_sample_the_same_tokens_and_restore_the_layers(
-    tmp_path: Path,
-) -> None:
+def test_skinny_decode_linears_match_f_linear_and_restore_the_layers(tmp_path: Path) -> None:
     from torch import nn
 
     from app.ml.generation import skinny_decode_linears
@@ -369,7 +314,6 @@ def test_skinny_decode_linears_sample_the_same_tokens_and_restore_the_layers(
         assert "forward" in vars(layer)  # the few-row path is really in place
         for rows in (x[:1, :1], x[:, :1], x[:, :2], x):  # 1, 4, 8 and 12 rows
             assert torch.allclose(layer(rows), nn.functional.linear(rows, layer.weight), atol=1e-5)
-    assert "forward" not in vars(layer)
     assert not any("forward" in vars(m) for m in model.modules())
 
 
@@ -418,38 +362,6 @@ def test_reusing_the_rollout_value_pass_changes_nothing(tmp_path: Path, use_lora
     assert reused.history[-1]["loss/value"] != 0.0  # the value model did train
     ma = AutoModelForCausalLM.from_pretrained(str(reused.output_dir)).state_dict()
     mb = AutoModelForCausalLM.from_pretrained(str(recomputed.output_dir)).state_dict()
-    for name, tensor in ma.items():
-        assert torch.allclose(tensor, mb[name], atol=1e-5), name
-
-
-SYSTEM = "You answer every question in a few plain words and never more than that."
-PREFIXED_PROMPTS = [
-    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}]
-    for p in ("hi", "What is the capital of France?", "Write a poem", "Explain rewards")
-]
-
-
-@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_sharing_the_prompt_prefix_changes_nothing(tmp_path: Path, use_lora: bool) -> None:
-    """Every pass (reference, values, reward, update) with the system prompt run once per
-    batch follows the same trajectory as with it run once per row."""
-    policy_dir = save_tiny_model(tmp_path / "policy", pad_equals_eos=True)
-    rm_dir = save_tiny_reward_model(tmp_path / "rm")
-    results = {}
-    for share in (True, False):
-        config = tiny_config(
-            total_steps=2, gradient_accumulation_steps=2, use_lora=use_lora, lora_r=4,
-            lora_alpha=8, learning_rate=1e-3, share_prompt_prefix=share,
-        )  # fmt: skip
-        results[share] = ppo.train_ppo(
-            config, policy_dir, str(rm_dir), PREFIXED_PROMPTS, tmp_path / f"o{share}",
-            tmp_path / f"c{share}",
-        )  # fmt: skip
-    for a, b in zip(results[True].history, results[False].history, strict=True):
-        same = [k for k in a if not k.startswith("time/")]
-        assert [a[k] for k in same] == pytest.approx([b[k] for k in same], rel=1e-4, abs=1e-5)
-    ma = AutoModelForCausalLM.from_pretrained(str(results[True].output_dir)).state_dict()
-    mb = AutoModelForCausalLM.from_pretrained(str(results[False].output_dir)).state_dict()
     for name, tensor in ma.items():
         assert torch.allclose(tensor, mb[name], atol=1e-5), name
 
