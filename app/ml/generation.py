@@ -278,14 +278,21 @@ def skinny_decode_linears(model: nn.Module) -> Iterator[None]:
     `(W @ x.T).T` (see `SKINNY_MAX_ROWS`). The same products, summed in another order, so
     outputs agree with `F.linear` to float rounding. Only for inference: the layers get their
     own forward back on exit. On other devices nothing changes."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+    # A layer that already has a forward of its own (an enclosing block's) is left to that block,
+    # so nested or concurrent blocks never remove each other's; at worst a layer falls back to
+    # `F.linear`, which gives the same numbers.
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in vars(m)
+    ]
     for layer in layers:
         layer.forward = partial(_skinny_linear, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for layer in layers:
-            del layer.forward
+            vars(layer).pop("forward", None)
 
 
 def _shared_prefix_length(prompts: list[list[int]]) -> int:
