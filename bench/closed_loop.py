@@ -392,6 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "times": bench.times, "total_s": total, "prompts": n_prompts, "heldout": len(held),
         "base_policy": "tiny random model" if args.quick else "SmolLM2-135M-Instruct",
         "args": vars(args), "ppo_config": project_settings["loop_ppo_config"],
+        "promotion": (project_settings["promote_min_score_gain"],
+                      project_settings["promote_max_kl"]),
     }  # fmt: skip
     if not args.keep:
         shutil.rmtree(var, ignore_errors=True)
@@ -428,7 +430,7 @@ def section(result: dict[str, Any]) -> str:
         " see `bench/closed_loop.py`).  ",
         f"PPO per round: {'LoRA' if ppo['use_lora'] else 'full'}, {ppo['total_steps']} steps of "
         f"{ppo['batch_size']}, learning rate {ppo['learning_rate']:g}, β {ppo['kl_coef']:g}; "
-        f"promotion: score gain ≥ 0 and KL ≤ {MAX_KL:g}.",
+        f"promotion: score gain ≥ {result['promotion'][0]:g} and KL ≤ {result['promotion'][1]:g}.",
         "",
         f"**Final policy v{result['final_version']} vs base on held-out prompts, under the rule: "
         f"win rate {cmp['win_rate']:.1%}** ({cmp['wins']:.0f} wins, {cmp['ties']:.0f} ties of "
