@@ -60,6 +60,7 @@ from app.ml.chat import inert_messages
 from app.ml.generation import inverse_cdf_sample, skinny_decode_linears
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
+from app.ml.vocab_grads import embed, plain_embedding, plain_projection, project, zero_grad
 
 Messages = list[dict[str, str]]
 PromptLike = str | Sequence[Mapping[str, str]]
@@ -553,6 +554,46 @@ def sample_responses(
         return torch.stack(tokens, dim=1), torch.stack(token_logprobs, dim=1)
 
 
+# Causal-LM families whose logits are exactly `lm_head(last_hidden_state)`: no softcapping or
+# logit scale after it (Gemma 2 and Cohere have one), so `_causal_lm_parts` may compute them itself.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _unwrapped(model: nn.Module) -> Any:
+    """The transformers model inside a peft wrapper (with its adapter layers), else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+
+
+def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Embedding, nn.Linear] | None:
+    """Backbone, input embedding and output projection of a causal LM (optionally wrapped by
+    peft) whose logits are `lm_head(hidden)` and whose two matrices are plain modules; None for
+    any other model, which then runs its own forward."""
+    inner = _unwrapped(model)
+    if getattr(inner.config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    embedding = plain_embedding(inner.get_input_embeddings())
+    head = plain_projection(inner.get_output_embeddings())
+    if embedding is None or head is None:
+        return None
+    return getattr(inner, inner.base_model_prefix), embedding, head
+
+
+def vocab_matrices(*models: nn.Module) -> list[torch.Tensor]:
+    """The trainable `[vocab, hidden]` weights of `models` whose gradients `vocab_grads` adds in
+    place (tied matrices once): these keep their gradient buffers between steps."""
+    found: dict[int, torch.Tensor] = {}
+    for model in models:
+        inner = _unwrapped(model)
+        modules: list[nn.Module | None] = [plain_embedding(inner.get_input_embeddings())]
+        if hasattr(inner, "get_output_embeddings"):
+            modules.append(plain_projection(inner.get_output_embeddings()))
+        for module in modules:
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.requires_grad:
+                found[id(weight)] = weight
+    return list(found.values())
+
+
 def forward_logprobs(
     model: nn.Module,
     query_responses: torch.Tensor,
@@ -565,17 +606,33 @@ def forward_logprobs(
 
     Logits are divided by the sampling temperature so the ratio pi/pi_old and the KL compare
     the distribution that was actually sampled from. Optionally also the per-token entropy.
+    Only the response positions get logits. For the plain-headed families of
+    `_causal_lm_parts` the embedding and the output projection run through `vocab_grads`, so a
+    trainable vocabulary matrix gets its gradient added in place.
     """
     response_length = query_responses.shape[1] - context_length
-    out = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **keep_last_logits(response_length + 1),
-    )
-    # Position ctx-1 predicts the first response token; the last position predicts nothing.
-    logits = out.logits[:, -(response_length + 1) : -1].float() / temperature
+    positions = position_ids_from_mask(attention_mask)
+    parts = _causal_lm_parts(model)
+    if parts is None:
+        out = model(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=False,
+            **keep_last_logits(response_length + 1),
+        )
+        # Position ctx-1 predicts the first response token; the last position predicts nothing.
+        logits = out.logits[:, -(response_length + 1) : -1]
+    else:
+        backbone, embedding, head = parts
+        hidden = backbone(
+            inputs_embeds=embed(query_responses, embedding.weight),
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=False,
+        ).last_hidden_state
+        logits = project(hidden[:, context_length - 1 : -1], head.weight)
+    logits = logits.float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     responses = query_responses[:, context_length:]
     logprobs = logp_all.gather(2, responses.unsqueeze(-1)).squeeze(-1)
@@ -609,9 +666,7 @@ def trim_padding(
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Split a sequence-classification model (optionally wrapped by peft) into body and head."""
-    inner: Any = model
-    if hasattr(model, "get_base_model"):
-        inner = model.get_base_model()  # type: ignore[operator]
+    inner = _unwrapped(model)
     backbone = getattr(inner, inner.base_model_prefix)
     for name in ("score", "classifier"):
         head = getattr(inner, name, None)
@@ -621,10 +676,17 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """The scalar head applied at every position: `[batch, len]` values (or rewards)."""
+    """The scalar head applied at every position: `[batch, len]` values (or rewards). A plain
+    input embedding runs through `vocab_grads.embed` (its gradient is added in place)."""
     backbone, head = _backbone_and_head(model)
+    embedding = plain_embedding(backbone.get_input_embeddings())  # type: ignore[operator]
+    tokens = (
+        {"input_ids": input_ids}
+        if embedding is None
+        else {"inputs_embeds": embed(input_ids, embedding.weight)}
+    )
     hidden = backbone(
-        input_ids=input_ids,
+        **tokens,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
@@ -1222,6 +1284,8 @@ def _ppo_update(
     batch = rollout.query_responses.shape[0]
     micro = config.mini_batch_size // config.gradient_accumulation_steps
     context_length = rollout.context_length
+    # Their gradient buffers stay allocated from minibatch to minibatch (see `vocab_grads`).
+    vocab = vocab_matrices(policy, value_model)
     totals: dict[str, float] = {}
     count = 0
     for epoch in range(config.ppo_epochs):
@@ -1231,7 +1295,7 @@ def _ppo_update(
             order = torch.randperm(batch, generator=shuffle_gen).to(rollout.mask.device)
         for mb_start in range(0, batch, config.mini_batch_size):
             minibatch = order[mb_start : mb_start + config.mini_batch_size]
-            optimizer.zero_grad(set_to_none=True)
+            zero_grad(params, keep=vocab)
             for n, mc_start in enumerate(range(0, len(minibatch), micro)):
                 idx = minibatch[mc_start : mc_start + micro]
                 ids, att, ctx, length = trim_padding(
