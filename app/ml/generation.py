@@ -258,7 +258,8 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 # A decode step pushes a handful of rows through every weight matrix once. On the CPUs this was
 # measured on (AMD EPYC, AVX2, MKL; docs/benchmarks.md), `W @ x.T` streams a weight matrix
 # faster than `F.linear`'s `x @ W.T` for 2-8 rows: about 25 % less time for SmolLM2's body and
-# half for its 49k-row output layer. One row, or more than eight, is left to `F.linear`.
+# half for its 49k-row output layer. One row, or more than eight, is left to `F.linear`. On an
+# AVX-512 EPYC, sampling 32 tokens for 4 prompts took 2.5 s this way against 3.2 s with F.linear.
 SKINNY_MAX_ROWS = 8
 
 
@@ -266,7 +267,10 @@ def _skinny_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if not 1 < rows <= SKINNY_MAX_ROWS:
         return F.linear(x, layer.weight, layer.bias)
-    y = (layer.weight @ x.reshape(rows, x.shape[-1]).T).T
+    # Row-major again before it goes on: left as the transposed view, the layout would carry
+    # through the elementwise ops into the next layer's input, and a product whose `x.T` is
+    # contiguous ran SmolLM2's down projection 2-3x slower (AMD EPYC, AVX-512).
+    y = (layer.weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
     if layer.bias is not None:
         y = y + layer.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -313,7 +313,10 @@ def test_skinny_decode_linears_match_f_linear_and_restore_the_layers(tmp_path: P
     with skinny_decode_linears(model):
         assert "forward" in vars(layer)  # the few-row path is really in place
         for rows in (x[:1, :1], x[:, :1], x[:, :2], x):  # 1, 4, 8 and 12 rows
-            assert torch.allclose(layer(rows), nn.functional.linear(rows, layer.weight), atol=1e-5)
+            out = layer(rows)
+            assert torch.allclose(out, nn.functional.linear(rows, layer.weight), atol=1e-5)
+            # Row-major, like F.linear's: a transposed layout would slow the layers after it.
+            assert out.is_contiguous()
         with skinny_decode_linears(model):  # nested: the inner block leaves the outer's alone
             pass
         assert "forward" in vars(layer)
