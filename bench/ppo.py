@@ -471,9 +471,11 @@ NOTES = [
     "each rollout) instead of through the adapter layers. Each of our micro-batches drops the",
     "columns that are padding in all of its rows (exact: padding is masked). Ours runs the",
     "value pass of the first minibatch once, with gradients, at the rollout, and epoch one",
-    "trains on it (the weights have not moved yet), where TRL runs it twice. TRL infers",
-    "padding from the pad id, which for SmolLM2 equals EOS; this changes what it trains on,",
-    "not its speed.",
+    "trains on it (the weights have not moved yet), where TRL runs it twice. Ours adds the",
+    "gradients of the 49152 x 576 matrices (the tied embedding and output projection, the",
+    "value model's embedding) in place into buffers kept between steps (`app.ml.vocab_grads`),",
+    "where autograd gives every use a fresh full-size tensor. TRL infers padding from the pad",
+    "id, which for SmolLM2 equals EOS; this changes what it trains on, not its speed.",
 ]
 
 
