@@ -263,9 +263,10 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 SKINNY_MAX_ROWS = 8
 
 
-def _skinny_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def skinny_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`, with 2-8 rows on the CPU computed as `(W @ x.T).T` (see `SKINNY_MAX_ROWS`)."""
     rows = x.numel() // x.shape[-1]
-    if not 1 < rows <= SKINNY_MAX_ROWS:
+    if x.device.type != "cpu" or not 1 < rows <= SKINNY_MAX_ROWS:
         return F.linear(x, layer.weight, layer.bias)
     # Row-major again before it goes on: left as the transposed view, the layout would carry
     # through the elementwise ops into the next layer's input, and a product whose `x.T` is
@@ -291,7 +292,7 @@ def skinny_decode_linears(model: nn.Module) -> Iterator[None]:
         if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in vars(m)
     ]
     for layer in layers:
-        layer.forward = partial(_skinny_linear, layer)  # type: ignore[method-assign]
+        layer.forward = partial(skinny_linear, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:

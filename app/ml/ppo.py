@@ -57,6 +57,7 @@ from transformers import (
 )
 
 from app.ml.chat import inert_messages
+from app.ml.decode import LlamaDecoder
 from app.ml.generation import inverse_cdf_sample, skinny_decode_linears
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
@@ -512,46 +513,56 @@ def sample_responses(
     from. Generation stops when every row has produced an EOS; later tokens of a finished row
     are pad. `logprobs` are the sampled tokens' log-probabilities (useful to check consistency).
     """
-    # Decode steps run few rows through every layer: the skinny product streams weights faster.
-    with skinny_decode_linears(model):
-        batch = query_ids.shape[0]
-        attention = query_mask.clone()
-        positions = position_ids_from_mask(attention)
-        out = model(
-            input_ids=query_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            **keep_last_logits(1),
-        )
-        cache = _returned_cache(out)
-        logits = out.logits[:, -1, :].float()
-        next_position = positions[:, -1:] + 1
-        finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
-        tokens: list[torch.Tensor] = []
-        token_logprobs: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            uniforms = torch.rand(batch, generator=generator, device=logits.device)
-            token = inverse_cdf_sample(logp.exp(), uniforms)
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            tokens.append(token)
-            token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
-            finished = finished | (token == eos_token_id)
-            if bool(finished.all()):
-                break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    batch = query_ids.shape[0]
+    attention = query_mask.clone()
+    positions = position_ids_from_mask(attention)
+    step = _decoder(model, batch, query_ids.shape[1] + max_new_tokens)
+    logits = step(query_ids, positions, attention)
+    next_position = positions[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
+    tokens: list[torch.Tensor] = []
+    token_logprobs: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        uniforms = torch.rand(batch, generator=generator, device=logits.device)
+        token = inverse_cdf_sample(logp.exp(), uniforms)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        logits = step(token[:, None], next_position, attention)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1), torch.stack(token_logprobs, dim=1)
+
+
+def _decoder(
+    model: nn.Module, batch: int, capacity: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A `(input_ids, position_ids, attention_mask) -> last logits` function that appends to a
+    KV cache: `LlamaDecoder` for plain Llama models, else the model's own forward (whose few-row
+    decode steps use the skinny products of `skinny_decode_linears`)."""
+    if LlamaDecoder.supports(model):
+        return LlamaDecoder(model, batch, capacity).forward
+    cache: Any = None
+
+    def step(input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        nonlocal cache
+        with skinny_decode_linears(model):
             out = model(
-                input_ids=token[:, None],
-                attention_mask=attention,
-                position_ids=next_position,
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
                 use_cache=True,
-                **{_CACHE_KWARG: cache},
+                **({} if cache is None else {_CACHE_KWARG: cache}),
+                **keep_last_logits(1),
             )
-            cache = _returned_cache(out)
-            logits = out.logits[:, -1, :].float()
-            next_position = next_position + 1
-        return torch.stack(tokens, dim=1), torch.stack(token_logprobs, dim=1)
+        cache = _returned_cache(out)
+        return out.logits[:, -1, :].float()
+
+    return step
 
 
 # Causal-LM families whose logits are exactly `lm_head(last_hidden_state)`: no softcapping or
