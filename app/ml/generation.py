@@ -29,11 +29,11 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.ml.chat import inert_messages
+from app.ml.decode import LlamaDecoder, skinny_linear
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.loading import LoadedModel
 
@@ -187,10 +187,13 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 class _Forward:
-    """Calls the model's forward with the keyword names of the installed transformers version."""
+    """Calls the model's forward with the keyword names of the installed transformers version;
+    a plain Llama model runs through `LlamaDecoder` instead, which is also its cache."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, max_new_tokens: int) -> None:
         self.model = model
+        self.lean = LlamaDecoder.supports(model)
+        self.max_new_tokens = max_new_tokens
         get_base_model: Any = getattr(model, "get_base_model", None)  # a peft wrapper
         base: Any = get_base_model() if callable(get_base_model) else model
         params = inspect.signature(base.forward).parameters
@@ -207,6 +210,11 @@ class _Forward:
         position_ids: torch.Tensor,
         cache: Any,
     ) -> tuple[torch.Tensor, Any]:
+        if self.lean:
+            if cache is None:
+                capacity = attention_mask.shape[1] + self.max_new_tokens
+                cache = LlamaDecoder(self.model, input_ids.shape[0], capacity)
+            return cache.forward(input_ids, position_ids, attention_mask), cache
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -255,33 +263,11 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return choice.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-# A decode step pushes a handful of rows through every weight matrix once. On the CPUs this was
-# measured on (AMD EPYC, AVX2, MKL; docs/benchmarks.md), `W @ x.T` streams a weight matrix
-# faster than `F.linear`'s `x @ W.T` for 2-8 rows: about 25 % less time for SmolLM2's body and
-# half for its 49k-row output layer. One row, or more than eight, is left to `F.linear`. On an
-# AVX-512 EPYC, sampling 32 tokens for 4 prompts took 2.5 s this way against 3.2 s with F.linear.
-SKINNY_MAX_ROWS = 8
-
-
-def skinny_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, with 2-8 rows on the CPU computed as `(W @ x.T).T` (see `SKINNY_MAX_ROWS`)."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not 1 < rows <= SKINNY_MAX_ROWS:
-        return F.linear(x, layer.weight, layer.bias)
-    # Row-major again before it goes on: left as the transposed view, the layout would carry
-    # through the elementwise ops into the next layer's input, and a product whose `x.T` is
-    # contiguous ran SmolLM2's down projection 2-3x slower (AMD EPYC, AVX-512).
-    y = (layer.weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 @contextmanager
 def skinny_decode_linears(model: nn.Module) -> Iterator[None]:
     """While in this block, `model`'s linear layers on the CPU compute few-row inputs as
-    `(W @ x.T).T` (see `SKINNY_MAX_ROWS`). The same products, summed in another order, so
-    outputs agree with `F.linear` to float rounding. Only for inference: the layers get their
+    `(W @ x.T).T` (`app.ml.decode.skinny_linear`). The same products, summed in another order,
+    so outputs agree with `F.linear` to float rounding. Only for inference: the layers get their
     own forward back on exit. On other devices nothing changes."""
     # A layer that already has a forward of its own (an enclosing block's) is left to that block,
     # so nested or concurrent blocks never remove each other's; at worst a layer falls back to
@@ -447,7 +433,7 @@ def generate_responses(
     results: list[list[GeneratedResponse | None]] = [[None] * samples for _ in prompts]
     waiting = [samples] * len(prompts)
     final: list[list[GeneratedResponse]] = [[] for _ in prompts]
-    forward = _Forward(model)
+    forward = _Forward(model, config.max_new_tokens)
     prompts_done = 0
 
     was_training = model.training

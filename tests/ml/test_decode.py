@@ -68,13 +68,29 @@ def test_prefill_and_decode_steps_equal_the_models_forward(rows: int) -> None:
         torch.testing.assert_close(logits, reference_logits(model, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_the_cache_refuses_positions_beyond_its_capacity() -> None:
+def test_the_cache_grows_and_its_rows_can_be_repeated_and_selected() -> None:
     model = tiny_llama()
     ids, mask = left_padded()
-    decoder = LlamaDecoder(model, 3, capacity=ids.shape[1])
-    decoder.forward(ids, ppo.position_ids_from_mask(mask), mask)
-    with pytest.raises(ValueError, match="cache holds 9 positions, asked for 10"):
-        decoder.forward(ids[:, :1], ids[:, :1], torch.cat([mask, mask[:, :1]], 1))
+    positions = ppo.position_ids_from_mask(mask)
+    # One row's prompt, shared by three rows, as generation does for samples of one prompt.
+    decoder = LlamaDecoder(model, 1, capacity=2)  # smaller than the prompt: it must grow
+    decoder.forward(ids[1:2, :5], positions[1:2, :5], mask[1:2, :5])
+    decoder.batch_repeat_interleave(3)
+    logits = decoder.forward(
+        ids[1:2, 5:].expand(3, -1), positions[1:2, 5:].expand(3, -1), mask[1:2].expand(3, -1)
+    )
+    expected = reference_logits(model, ids[1:2], mask[1:2])
+    torch.testing.assert_close(logits, expected.expand(3, -1), rtol=1e-5, atol=1e-5)
+
+    # Rows 0 and 2 go on; each continues exactly as the full forward says.
+    decoder.batch_select_indices(torch.tensor([0, 2]))
+    token = torch.tensor([[5], [7]])
+    full = torch.cat([ids[1:2].expand(2, -1), token], 1)
+    full_mask = torch.ones_like(full)
+    logits = decoder.forward(token, positions[1:2, -1:].expand(2, -1) + 1, full_mask)
+    torch.testing.assert_close(
+        logits, reference_logits(model, full, full_mask), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_only_plain_llama_models_are_supported() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from app.ml.decode import LlamaDecoder
 from app.ml.generation import (
     MIN_SHARED_PREFIX,
     GeneratedResponse,
@@ -424,3 +425,32 @@ def test_sampling_config_rejects_nonsense(bad: dict[str, float]) -> None:
 
 def test_sampling_config_documents_every_field() -> None:
     assert all(f.metadata.get("help") for f in fields(SamplingConfig))
+
+
+def test_the_llama_decoder_gives_the_answers_of_the_models_own_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tokenizer = make_tokenizer()
+    model = context_sensitive_lm(tokenizer)
+    # A bias-free head, so `LlamaDecoder` takes the model; a louder EOS row ends some answers early.
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.weight[tokenizer.eos_token_id] *= 3.0
+    model.lm_head = head
+    assert LlamaDecoder.supports(model)
+    system = {"role": "system", "content": "Answer concisely and kindly. Be helpful and honest."}
+    questions = [p for p in PROMPTS if isinstance(p, str)]
+    prompts: list[Prompt] = [[system, {"role": "user", "content": q}] for q in questions[:3]]
+    prompts += PROMPTS  # and prompts with no shared prefix
+    config = SamplingConfig(num_responses=3, max_new_tokens=12, batch_size=6, seed=5)
+
+    hooks = RecordingHooks()
+    lean = generate_responses((model, tokenizer), prompts, config, hooks=hooks)
+    assert max(hooks.series("generation/shared_prefix_tokens")) >= MIN_SHARED_PREFIX
+    monkeypatch.setattr(LlamaDecoder, "supports", staticmethod(lambda model: False))
+    generic = generate_responses((model, tokenizer), prompts, config)
+
+    assert token_ids(lean) == token_ids(generic)
+    # Rows ended at different steps, so finished rows were dropped from the cache mid-batch.
+    assert len({r.num_tokens for responses in lean for r in responses}) > 1
