@@ -186,11 +186,11 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 # --- one batch -----------------------------------------------------------------------------------
 
 
-class _Forward:
+class CachedForward:
     """Calls the model's forward with the keyword names of the installed transformers version;
     a plain Llama model runs through `LlamaDecoder` instead, which is also its cache."""
 
-    def __init__(self, model: PreTrainedModel, max_new_tokens: int) -> None:
+    def __init__(self, model: nn.Module, max_new_tokens: int) -> None:
         self.model = model
         self.lean = LlamaDecoder.supports(model)
         self.max_new_tokens = max_new_tokens
@@ -298,8 +298,8 @@ def _shared_prefix_length(prompts: list[list[int]]) -> int:
     return max(limit, 0)
 
 
-def _prefill(
-    forward: _Forward,
+def prefill(
+    forward: CachedForward,
     prompts: list[list[int]],
     pad_id: int,
     device: torch.device,
@@ -338,7 +338,7 @@ def _prefill(
 
 
 def _decode_batch(
-    forward: _Forward,
+    forward: CachedForward,
     rows: list[Row],
     prompt_ids: list[list[int]],
     config: SamplingConfig,
@@ -356,7 +356,7 @@ def _decode_batch(
     # Rows of the same prompt share its prefill: run each distinct prompt once, then copy its
     # cache and logits to every row of that prompt.
     unique = list(dict.fromkeys(prompt for prompt, _ in rows))
-    logits, cache, attention_mask = _prefill(
+    logits, cache, attention_mask = prefill(
         forward, [prompt_ids[p] for p in unique], pad_id, device, stats
     )
 
@@ -433,7 +433,7 @@ def generate_responses(
     results: list[list[GeneratedResponse | None]] = [[None] * samples for _ in prompts]
     waiting = [samples] * len(prompts)
     final: list[list[GeneratedResponse]] = [[] for _ in prompts]
-    forward = _Forward(model, config.max_new_tokens)
+    forward = CachedForward(model, config.max_new_tokens)
     prompts_done = 0
 
     was_training = model.training

@@ -57,8 +57,7 @@ from transformers import (
 )
 
 from app.ml.chat import inert_messages
-from app.ml.decode import LlamaDecoder
-from app.ml.generation import inverse_cdf_sample, skinny_decode_linears
+from app.ml.generation import CachedForward, inverse_cdf_sample, prefill, skinny_decode_linears
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import atomic_torch_save, replace_dir
 from app.ml.vocab_grads import embed, plain_embedding, plain_projection, project, zero_grad
@@ -475,9 +474,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# transformers 5 renamed `past_key_values` to `cache`; accept both so older pins keep working.
 _FORWARD_PARAMS = inspect.signature(LlamaForCausalLM.forward).parameters
-_CACHE_KWARG = "cache" if "cache" in _FORWARD_PARAMS else "past_key_values"
 # Only the response positions need logits: skipping the prompt's saves a large share of the
 # lm_head work (49k x 576 per token for SmolLM2). Older releases spell it differently or lack it.
 _KEEP_KWARG = next(
@@ -488,11 +485,6 @@ _KEEP_KWARG = next(
 def keep_last_logits(n: int) -> dict[str, int]:
     """Forward kwargs that make a causal LM return logits for the last `n` positions only."""
     return {_KEEP_KWARG: n} if _KEEP_KWARG else {}
-
-
-def _returned_cache(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 @torch.no_grad()
@@ -513,56 +505,32 @@ def sample_responses(
     from. Generation stops when every row has produced an EOS; later tokens of a finished row
     are pad. `logprobs` are the sampled tokens' log-probabilities (useful to check consistency).
     """
-    batch = query_ids.shape[0]
-    attention = query_mask.clone()
-    positions = position_ids_from_mask(attention)
-    step = _decoder(model, batch, query_ids.shape[1] + max_new_tokens)
-    logits = step(query_ids, positions, attention)
-    next_position = positions[:, -1:] + 1
-    finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
-    tokens: list[torch.Tensor] = []
-    token_logprobs: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        uniforms = torch.rand(batch, generator=generator, device=logits.device)
-        token = inverse_cdf_sample(logp.exp(), uniforms)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
-        finished = finished | (token == eos_token_id)
-        if bool(finished.all()):
-            break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        logits = step(token[:, None], next_position, attention)
-        next_position = next_position + 1
+    batch, device = query_ids.shape[0], query_ids.device
+    forward = CachedForward(model, max_new_tokens)
+    prompts = [row[keep].tolist() for row, keep in zip(query_ids, query_mask.bool(), strict=True)]
+    stats = {"shared_prefix_tokens": 0.0, "padding_tokens": 0.0}
+    # Generation's prefill: a prefix every prompt shares (a chat template's system prompt) runs
+    # once; each row's own tokens follow, with any padding between the two, masked.
+    with skinny_decode_linears(model):
+        logits, cache, attention = prefill(forward, prompts, pad_token_id, device, stats)
+        next_position = attention.sum(dim=-1, keepdim=True)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens: list[torch.Tensor] = []
+        token_logprobs: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            uniforms = torch.rand(batch, generator=generator, device=logits.device)
+            token = inverse_cdf_sample(logp.exp(), uniforms)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            tokens.append(token)
+            token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+            finished = finished | (token == eos_token_id)
+            if bool(finished.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            logits, cache = forward(token[:, None], attention, next_position, cache)
+            next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(token_logprobs, dim=1)
-
-
-def _decoder(
-    model: nn.Module, batch: int, capacity: int
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A `(input_ids, position_ids, attention_mask) -> last logits` function that appends to a
-    KV cache: `LlamaDecoder` for plain Llama models, else the model's own forward (whose few-row
-    decode steps use the skinny products of `skinny_decode_linears`)."""
-    if LlamaDecoder.supports(model):
-        return LlamaDecoder(model, batch, capacity).forward
-    cache: Any = None
-
-    def step(input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> Any:
-        nonlocal cache
-        with skinny_decode_linears(model):
-            out = model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **({} if cache is None else {_CACHE_KWARG: cache}),
-                **keep_last_logits(1),
-            )
-        cache = _returned_cache(out)
-        return out.logits[:, -1, :].float()
-
-    return step
 
 
 # Causal-LM families whose logits are exactly `lm_head(last_hidden_state)`: no softcapping or

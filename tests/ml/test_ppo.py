@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from app.ml import ppo
+from app.ml.decode import LlamaDecoder
+from app.ml.generation import MIN_SHARED_PREFIX, _shared_prefix_length
 from app.ml.hooks import Cancelled, RecordingHooks
 from tests.tiny_models import make_tokenizer, save_tiny_model
 
@@ -247,12 +249,24 @@ def test_adaptive_kl_controller_by_hand() -> None:
 # ---- sampler and forward pass agree -------------------------------------------------------
 
 
-def test_sampler_logprobs_match_training_forward_with_left_padding(tmp_path: Path) -> None:
+@pytest.mark.parametrize("system", [False, True], ids=["own-prompts", "shared-system-prompt"])
+@pytest.mark.parametrize("decoder", [True, False], ids=["llama-decoder", "generic-forward"])
+def test_sampler_logprobs_match_training_forward_with_left_padding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: bool, decoder: bool
+) -> None:
     model_dir = save_tiny_model(tmp_path / "policy", pad_equals_eos=True)
     tok = ppo.load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    queries = ppo.encode_prompts(tok, [ppo.as_messages(p) for p in PROMPTS], 64)
+    assert LlamaDecoder.supports(model)
+    if not decoder:
+        monkeypatch.setattr(LlamaDecoder, "supports", staticmethod(lambda model: False))
+    messages = [ppo.as_messages(p) for p in PROMPTS]
+    if system:  # the sampler then prefills the shared prefix once for all rows
+        rule = {"role": "system", "content": "Answer briefly, kindly and only in plain words."}
+        messages = [[rule, *m] for m in messages]
+    queries = ppo.encode_prompts(tok, messages, 256)  # long enough to keep every system prompt
     assert len({len(q) for q in queries}) > 1  # real left padding happens
+    assert (_shared_prefix_length(queries) >= MIN_SHARED_PREFIX) == system
     ids, qmask = ppo.left_pad(queries, tok.pad_token_id, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
     raw, sampled_lp = ppo.sample_responses(
