@@ -14,6 +14,9 @@ GPU. TRL runs in its own virtual environment (`var/bench-venv-trl112`, created b
 `torch==2.13.0` first, so pip keeps the CPU build, then `trl==1.12.*`, the last release with
 PPO). Both get the same prompts (first human turns of the HH-RLHF harmless-base test split),
 the same batch, micro-batch, PPO epochs, response length, temperature and KL/EOS settings.
+Each implementation runs `--rounds` times per setting (default 2), alternating which goes first,
+and the verdict takes the median of the rounds' ratios: on a shared machine memory bandwidth
+drifts by several percent from one run to the next.
 
 Figures:
 - rollout tokens/s: real response tokens (up to the first EOS) per second of the rollout
@@ -559,6 +562,11 @@ def main() -> None:
         " spell of a shared machine falls on both (default 2; the verdict takes the median)",
     )
     parser.add_argument(
+        "--only",
+        choices=["full", "lora"],
+        help="run one setting: full fine-tuning or LoRA (default both)",
+    )
+    parser.add_argument(
         "--render-only", action="store_true", help="re-render the last saved results, run nothing"
     )
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -590,7 +598,8 @@ def main() -> None:
     if not args.skip_trl:
         pythons["trl"] = ensure_trl_venv()
     results = []
-    for lora in (False, True):
+    settings_run = {"full": (False,), "lora": (True,), None: (False, True)}[args.only]
+    for lora in settings_run:
         for n in range(1 if args.quick else args.rounds):
             order = list(pythons.items())
             for impl, python in order if n % 2 == 0 else order[::-1]:
