@@ -10,7 +10,9 @@ The reference is a frozen copy of the starting policy or, with LoRA, the adapter
 Why our own and not TRL's `DPOTrainer`: a Verdict run must report progress and metrics through
 `Hooks`, stop cleanly between steps on cancel, write atomic checkpoints holding everything needed
 to resume bit-for-bit, and take plain data without the `datasets`/`accelerate` stack. The loss
-itself is twenty lines; the run contract is the bulk, and it is the same as PPO's (docs/ml.md).
+itself is twenty lines; the run contract is the bulk, and it is the same as PPO's (docs/ml.md),
+with the plumbing shared: prompts, LoRA and saving from `app.ml.policy`, device, dtype and
+tokenizer from `app.ml.loading`, seeding and the checkpoint from `app.ml.checkpoint`.
 
 A completion is tokenised as the policy would produce it: its text tokens followed by EOS,
 appended to the chat-templated prompt with the generation prompt, exactly the tokens PPO samples.
@@ -18,84 +20,36 @@ appended to the chat-templated prompt with the generation prompt, exactly the to
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from app.kinds.dpo import DPOConfig
+from app.ml.checkpoint import TrainCheckpoint, seed_everything
 from app.ml.hooks import Cancelled, Hooks, NullHooks
-from app.ml.io import atomic_torch_save
-from app.ml.ppo import (  # shared plumbing; the algorithm itself is all here
+from app.ml.loading import dtype_for, load_tokenizer, pick_device
+from app.ml.policy import (
     PromptLike,
     as_messages,
-    config_field,
     encode_prompts,
-    freeze,
     keep_last_logits,
-    load_tokenizer,
-    load_trainable_state,
+    load_policy,
     lora_config,
     make_adamw,
     position_ids_from_mask,
-    resolve_device,
-    resolve_dtype,
-    rng_state,
+    reference_policy,
     save_policy,
-    seed_everything,
-    set_rng_state,
-    trainable_state,
 )
 
-_f = config_field
 CHECKPOINT_FILE = "dpo_checkpoint.pt"
+# Bookkeeping only: a checkpoint resumes under any value of these.
 _RESUMABLE_FIELDS = {"checkpoint_every"}
-
-
-@dataclass
-class DPOConfig:
-    """Every knob of a DPO run."""
-
-    seed: int = _f(0, "Seed for Python, NumPy and torch; also fixes the order of the pairs.")
-    epochs: int = _f(1, "Passes over the preference pairs.")
-    batch_size: int = _f(8, "Pairs per optimizer step.")
-    gradient_accumulation_steps: int = _f(
-        1, "Micro-batches per step; the batch is split to bound activation memory."
-    )
-    learning_rate: float = _f(1e-6, "AdamW learning rate (LoRA usually wants ~10x more).")
-    max_grad_norm: float = _f(1.0, "Global gradient-norm clip per optimizer step.")
-    beta: float = _f(0.1, "Strength of the implicit KL penalty towards the reference.")
-    label_smoothing: float = _f(
-        0.0, "Assumed probability that a label is flipped (conservative DPO); 0 = plain DPO."
-    )
-    max_prompt_length: int = _f(256, "Prompt tokens kept (the start is cut, the end is kept).")
-    max_length: int = _f(512, "Prompt + completion tokens kept (the completion end is cut).")
-    use_lora: bool = _f(False, "Train LoRA adapters; the reference is the adapter-disabled base.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
-    lora_target_modules: str | list[str] = _f("all-linear", "Modules that get LoRA adapters.")
-    checkpoint_every: int = _f(10, "Write a resumable checkpoint every this many steps.")
-    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    dtype: str = _f("float32", "Weights dtype: float32 or bfloat16.")
-
-    def validate(self) -> None:
-        """Raise ValueError for settings that cannot work together."""
-        if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError("batch_size must be a multiple of gradient_accumulation_steps")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5)")
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (stored in checkpoints and next to the output model)."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -162,6 +116,7 @@ def completion_logps(
 
 
 def _as_pair(pair: PreferencePair | Mapping[str, Any]) -> PreferencePair:
+    """A pair given as a mapping (`prompt`, `chosen`, `rejected`) as a `PreferencePair`."""
     if isinstance(pair, PreferencePair):
         return pair
     return PreferencePair(pair["prompt"], str(pair["chosen"]), str(pair["rejected"]))
@@ -219,13 +174,13 @@ def train_dpo(
     `hooks.should_stop()` the run checkpoints and raises `Cancelled`; `resume=True` continues from
     `checkpoint_dir` and ends where an uninterrupted run would have.
     """
-    config.validate()
     hooks = hooks or NullHooks()
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
     data = [_as_pair(p) for p in pairs]
     if not data:
         raise ValueError("no preference pairs")
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    device = pick_device(config.device)
+    dtype = dtype_for(device, config.dtype)
 
     # ---- Seeding: the pair order of epoch e is a permutation drawn from seed + e, so a resumed
     # run recomputes it instead of storing it.
@@ -234,8 +189,7 @@ def train_dpo(
     tokenizer = load_tokenizer(policy_dir)
     pad_id = int(tokenizer.pad_token_id)
     encoded = tokenize_pairs(tokenizer, data, config.max_prompt_length, config.max_length)
-    policy: Any = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=dtype)
-    policy.to(device)
+    policy = load_policy(policy_dir, dtype, device)
     if config.use_lora:
         from peft import get_peft_model
 
@@ -243,50 +197,30 @@ def train_dpo(
             policy,
             lora_config(config.lora_r, config.lora_alpha, config.lora_target_modules, "CAUSAL_LM"),
         )
-        ref_model: Any = policy
-        ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = policy.disable_adapter
-    else:
-        ref_model = freeze(AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=dtype))
-        ref_model.to(device)
-        ref_context = contextlib.nullcontext
+    ref_model, ref_context = reference_policy(policy, policy_dir, dtype, device, config.use_lora)
     policy.eval()  # dropout off: the implicit reward compares two passes of the same network
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_adamw(params, config.learning_rate)
+    optimizer = make_adamw(params, config.effective_learning_rate())
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
     start_step = 0
     history: list[dict[str, float]] = []
-    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        changed = sorted(
-            k
-            for k, v in config.to_dict().items()
-            if k not in _RESUMABLE_FIELDS and ckpt["config"].get(k) != v
-        )
-        if changed or ckpt["num_pairs"] != len(encoded):
-            raise ValueError(f"checkpoint was written for other settings or data: {changed}")
-        load_trainable_state(policy, ckpt["policy"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
-        history = list(ckpt["history"])
+    checkpoint = TrainCheckpoint(
+        checkpoint_dir / CHECKPOINT_FILE,
+        config.to_dict(),
+        _RESUMABLE_FIELDS,
+        models={"policy": policy},
+        optimizer=optimizer,
+        data={"num_pairs": len(encoded)},
+    )
+    if resume and (resumed := checkpoint.load()) is not None:
+        start_step, extra = resumed
+        history = list(extra["history"])
 
     def save_checkpoint(step: int) -> None:
-        atomic_torch_save(
-            {
-                "step": step,
-                "config": config.to_dict(),
-                "num_pairs": len(encoded),
-                "policy": trainable_state(policy),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_state(),
-                "history": history,
-            },
-            checkpoint_path,
-        )
+        checkpoint.save(step, {"history": history})
 
     last_saved = start_step
     micro = config.batch_size // config.gradient_accumulation_steps

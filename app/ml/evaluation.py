@@ -15,27 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
+from app.kinds.evaluate import EvaluationKnobs
+from app.ml.checkpoint import seed_everything
 from app.ml.hooks import Cancelled, Hooks, NullHooks
-from app.ml.ppo import (
-    Messages,
+from app.ml.loading import dtype_for, load_tokenizer, pick_device
+from app.ml.policy import (
     PromptLike,
-    RewardModelScorer,
-    ScoreFn,
     as_messages,
     encode_prompts,
-    first_eos_truncate,
     forward_logprobs,
-    freeze,
     left_pad,
-    load_reward_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
+    load_policy,
+    response_mask,
+    response_texts,
     sample_responses,
-    seed_everything,
 )
+from app.ml.reward import RewardModelScorer, ScoreFn, load_reward_model, reward_scores
 
 
 def evaluate_policy(
@@ -43,74 +39,64 @@ def evaluate_policy(
     parent_dir: str | Path,
     reward: str | Path | ScoreFn,
     prompts: Sequence[PromptLike],
+    config: EvaluationKnobs | None = None,
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.7,
-    batch_size: int = 8,
-    max_prompt_length: int = 256,
-    seed: int = 0,
-    num_samples: int = 8,
     device: str = "auto",
     dtype: str = "float32",
     hooks: Hooks | None = None,
+    **knobs: Any,
 ) -> dict[str, Any]:
     """Score candidate and parent on `prompts`, and the candidate's KL to the parent.
 
     Returns `{mean_score, parent_mean_score, score_gain, kl_to_parent, eos_rate, mean_length,
     num_prompts, samples}`; `samples` holds the first `num_samples` prompts with both models'
     responses and scores. Both models sample with the same seed, so evaluating a policy against
-    itself gives identical responses, a zero gain and a zero KL.
+    itself gives identical responses, a zero gain and a zero KL. The knobs come as `config`
+    or as keywords (`max_new_tokens=32`); the temperature must be > 0, since the KL is taken
+    under the sampling policy.
     """
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 (the KL is taken under the sampling policy)")
+    # Keyword knobs override `config`; both are checked against the one definition.
+    cfg = EvaluationKnobs.model_validate({**(config or EvaluationKnobs()).model_dump(), **knobs})
     messages = [as_messages(p) for p in prompts]
     if not messages:
         raise ValueError("no prompts")
     hooks = hooks or NullHooks()
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    seed_everything(seed)
+    torch_device = pick_device(device)
+    torch_dtype = dtype_for(torch_device, dtype)
+    seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(policy_dir)
     eos_id, pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    candidate = freeze(AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch_dtype))
-    parent = freeze(AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch_dtype))
-    candidate.to(torch_device)
-    parent.to(torch_device)
-
+    candidate = load_policy(policy_dir, torch_dtype, torch_device, frozen=True)
+    parent = load_policy(parent_dir, torch_dtype, torch_device, frozen=True)
+    scorer: RewardModelScorer | ScoreFn
     if callable(reward):
-        score_fn: ScoreFn = reward
-
-        def score(batch: list[Messages], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
-            return torch.as_tensor(score_fn(batch, texts, ids), dtype=torch.float32).reshape(-1)
-
+        scorer = reward
     else:
-        scorer = RewardModelScorer(
-            load_reward_model(reward, torch_dtype, torch_device),
-            load_tokenizer(reward),
-            max_length=1024,
-            batch_size=batch_size,
-        )
-
-        def score(batch: list[Messages], texts: list[str], ids: list[list[int]]) -> torch.Tensor:
-            return scorer(batch, texts, torch_device).cpu()
+        loaded = load_reward_model(reward, torch_device, dtype=torch_dtype)
+        scorer = RewardModelScorer(loaded.model, loaded.tokenizer, 1024, cfg.batch_size)
 
     def generate(
         model: Any, query_ids: torch.Tensor, query_mask: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[str]]:
-        raw, _ = sample_responses(
-            model, query_ids, query_mask, max_new_tokens, temperature, eos_id, pad_id, generator
+        responses, _ = sample_responses(
+            model,
+            query_ids,
+            query_mask,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            eos_id,
+            pad_id,
+            generator,
         )
-        responses, mask = first_eos_truncate(raw, eos_id, pad_id)
-        ids = [responses[i, : int(mask[i].sum())].tolist() for i in range(len(responses))]
-        texts = [
-            str(tokenizer.decode([t for t in row if t != eos_id], skip_special_tokens=True))
-            for row in ids
-        ]
+        # The sampler pads each row after its first EOS already; the mask marks what is real.
+        mask = response_mask(responses, eos_id)
+        ids, texts = response_texts(tokenizer, responses, mask)
         return responses, mask, ids, texts
 
     # Separate generators with the same seed: a model evaluated against itself samples the same.
-    cand_gen = torch.Generator(device=torch_device).manual_seed(seed)
-    parent_gen = torch.Generator(device=torch_device).manual_seed(seed)
+    cand_gen = torch.Generator(device=torch_device).manual_seed(cfg.seed)
+    parent_gen = torch.Generator(device=torch_device).manual_seed(cfg.seed)
     scores: list[float] = []
     parent_scores: list[float] = []
     kls: list[float] = []
@@ -118,30 +104,30 @@ def evaluate_policy(
     eos: list[bool] = []
     samples: list[dict[str, Any]] = []
     total = len(messages)
-    for start in range(0, total, batch_size):
+    for start in range(0, total, cfg.batch_size):
         if hooks.should_stop():
             raise Cancelled("evaluation cancelled")
-        batch = messages[start : start + batch_size]
+        batch = messages[start : start + cfg.batch_size]
         query_ids, query_mask = left_pad(
-            encode_prompts(tokenizer, batch, max_prompt_length), pad_id, torch_device
+            encode_prompts(tokenizer, batch, cfg.max_prompt_length), pad_id, torch_device
         )
         ctx = query_ids.shape[1]
         with torch.no_grad():
             responses, mask, ids, texts = generate(candidate, query_ids, query_mask, cand_gen)
             full = torch.cat([query_ids, responses], dim=1)
             attention = torch.cat([query_mask, mask.long()], dim=1)
-            logp, _ = forward_logprobs(candidate, full, attention, ctx, temperature)
-            parent_logp, _ = forward_logprobs(parent, full, attention, ctx, temperature)
+            logp, _ = forward_logprobs(candidate, full, attention, ctx, cfg.temperature)
+            parent_logp, _ = forward_logprobs(parent, full, attention, ctx, cfg.temperature)
             kls.extend(((logp - parent_logp) * mask).sum(1).tolist())
             _, _, p_ids, p_texts = generate(parent, query_ids, query_mask, parent_gen)
-        batch_scores = score(batch, texts, ids).tolist()
-        batch_parent_scores = score(batch, p_texts, p_ids).tolist()
+        batch_scores = reward_scores(scorer, batch, texts, ids, torch_device).tolist()
+        batch_parent_scores = reward_scores(scorer, batch, p_texts, p_ids, torch_device).tolist()
         scores.extend(batch_scores)
         parent_scores.extend(batch_parent_scores)
         lengths.extend(len(row) for row in ids)
         eos.extend(bool(row) and row[-1] == eos_id for row in ids)
         for i in range(len(batch)):
-            if len(samples) < num_samples:
+            if len(samples) < cfg.num_samples:
                 samples.append(
                     {
                         "prompt": batch[i][-1]["content"],
@@ -151,7 +137,7 @@ def evaluate_policy(
                         "parent_score": batch_parent_scores[i],
                     }
                 )
-        hooks.progress(min(start + batch_size, total), total, "evaluating policy")
+        hooks.progress(min(start + cfg.batch_size, total), total, "evaluating policy")
 
     mean_score = sum(scores) / len(scores)
     parent_mean = sum(parent_scores) / len(parent_scores)

@@ -24,7 +24,7 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from app.kinds.generate import SamplingConfig
 from app.ml.chat import inert_messages
 from app.ml.decode import LlamaDecoder, skinny_linear
 from app.ml.hooks import Cancelled, Hooks, NullHooks
@@ -41,49 +42,6 @@ ChatMessage = Mapping[str, str]
 Prompt = str | Sequence[ChatMessage]
 FinishReason = Literal["eos", "length"]
 OnPromptDone = Callable[[int, list["GeneratedResponse"]], None]
-
-
-@dataclass
-class SamplingConfig:
-    """How to sample responses; defaults suit collecting pairs for human comparison."""
-
-    num_responses: int = field(
-        default=2, metadata={"help": "K: responses sampled per prompt (2 for a comparison pair)"}
-    )
-    temperature: float = field(
-        default=0.7, metadata={"help": "softmax temperature when sampling; ignored when greedy"}
-    )
-    top_p: float = field(
-        default=0.9,
-        metadata={"help": "nucleus sampling: keep the smallest token set with this much mass"},
-    )
-    max_new_tokens: int = field(
-        default=128, metadata={"help": "longest response; a response cut here is `truncated`"}
-    )
-    batch_size: int = field(
-        default=16, metadata={"help": "sequences (prompt x sample rows) decoded together"}
-    )
-    do_sample: bool = field(
-        default=True, metadata={"help": "sample; False means greedy (all K responses are equal)"}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "seeds every row's generator; same seed, same responses"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.num_responses < 1:
-            raise ValueError(f"num_responses must be at least 1, got {self.num_responses}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; "
-                "use do_sample=False for greedy decoding"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +168,7 @@ class CachedForward:
         position_ids: torch.Tensor,
         cache: Any,
     ) -> tuple[torch.Tensor, Any]:
+        """Run `input_ids` on top of `cache` (None: a new one); return (last logits, cache)."""
         if self.lean:
             if cache is None:
                 capacity = attention_mask.shape[1] + self.max_new_tokens

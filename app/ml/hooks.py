@@ -14,6 +14,8 @@ class Cancelled(Exception):
 
 
 class Hooks(Protocol):
+    """What a long-running `app.ml` function reports to, and asks, whoever runs it."""
+
     def progress(self, done: int, total: int | None, message: str = "") -> None:
         """Report work done so far (and a log line), at most every step."""
 
@@ -25,13 +27,16 @@ class Hooks(Protocol):
 
 
 class NullHooks:
+    """Hooks that listen to nothing and never stop a run."""
+
     def progress(self, done: int, total: int | None, message: str = "") -> None:
-        pass
+        """Ignore the progress report."""
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        pass
+        """Ignore the metrics."""
 
     def should_stop(self) -> bool:
+        """Never: the run goes to its end."""
         return False
 
 
@@ -44,16 +49,20 @@ class RecordingHooks:
         self.stop_after_progress = stop_after_progress
 
     def progress(self, done: int, total: int | None, message: str = "") -> None:
+        """Keep the progress report."""
         self.progress_calls.append((done, total, message))
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Keep a copy of the metrics."""
         self.metric_calls.append((step, dict(values)))
 
     def should_stop(self) -> bool:
+        """True once `stop_after_progress` progress reports came in (never when it is None)."""
         return (
             self.stop_after_progress is not None
             and len(self.progress_calls) >= self.stop_after_progress
         )
 
     def series(self, name: str) -> list[float]:
+        """Every recorded value of metric `name`, in order."""
         return [values[name] for _, values in self.metric_calls if name in values]

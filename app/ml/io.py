@@ -1,10 +1,11 @@
-"""Atomic file writes for checkpoints and model artifacts."""
+"""Atomic file writes for checkpoints and model artifacts: a reader never sees half a file."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +36,20 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def save_model_dir(model: Any, tokenizer: Any, output_dir: Path, files: Mapping[str, str]) -> None:
+    """Write a Hugging Face model directory atomically: `model` and `tokenizer` through their
+    `save_pretrained`, plus `files` (name -> text, e.g. run info as JSON), into a temp directory
+    beside `output_dir` that `replace_dir` then moves into place. A failure leaves nothing."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -8,9 +8,11 @@ A model spec is one string, as in `VERDICT_BASE_POLICY`:
 * a local directory in Hugging Face format (``config.json`` + weights + tokenizer files);
 * a model hub id, only when hub downloads are allowed (``VERDICT_ALLOW_HUB_DOWNLOADS``).
 
-Loaded tokenizers are made ready for batched generation: left padding, and a pad token distinct
-from EOS, because code that finds the end of a response (or builds an attention mask) from the
-pad token silently breaks when pad == EOS, as it is for SmolLM2.
+Also the rules every part of `app.ml` shares: which device and dtype a setting means
+(`pick_device`, `dtype_for`) and how a tokenizer is loaded (`load_tokenizer`, one pad-token rule).
+A causal LM loaded for serving (`load_causal_lm`) gets its tokenizer made ready for batched
+generation by third-party code as well (`prepare_tokenizer`): left padding, and a pad token
+distinct from EOS, growing the embeddings when it needs a new token.
 """
 
 from __future__ import annotations
@@ -78,14 +80,26 @@ class LoadedModel:
     adjustments: list[str] = field(default_factory=list)
 
 
-def pick_device() -> torch.device:
-    """The device to run on: the first CUDA GPU when there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+# The weight dtypes a setting may name; "auto" picks one from the device (`dtype_for`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slow there and lose precision for no gain), bf16 on GPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """The device a setting names: "auto" is the first CUDA GPU when there is one, else the CPU;
+    anything else ("cpu", "cuda", "cuda:1") is taken as torch spells it."""
+    if str(name) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def dtype_for(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The weight dtype a setting names ("float32" or "bfloat16"); "auto" is float32 on a CPU
+    (bf16 matmuls are slow there and lose precision for no gain) and bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def smollm2_gguf_path() -> Path:
@@ -255,38 +269,39 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def load_tokenizer(
-    spec: str, artifacts_dir: Path, allow_hub: bool = False
-) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a model spec, prepared for batched generation (`prepare_tokenizer`).
+def load_tokenizer(source: str | Path, local_files_only: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model directory (or of a hub id the caller has allowed).
 
-    If the tokenizer needed a new pad token, a model used with it must resize its embeddings to
-    `len(tokenizer)`; `load_causal_lm` does that.
+    The pad-token rule, the one every part of `app.ml` relies on: the pad token is the one the
+    tokenizer's files name, or EOS when they name none, and it may equal EOS (SmolLM2's pad is
+    its EOS, `<|im_end|>`). Padding is therefore only ever a filler under an attention mask: the
+    end of a response is its first EOS found by position and a sequence's last real token comes
+    from the mask, never from "the first pad". Nothing is added to the vocabulary, so a model
+    loaded next to this tokenizer keeps its embeddings. `load_causal_lm` goes one step further
+    for serving (`prepare_tokenizer`).
     """
-    source = resolve_model_dir(spec, artifacts_dir, allow_hub=allow_hub)
-    tokenizer = _load_tokenizer_from(source, spec, allow_hub)
-    for line in prepare_tokenizer(tokenizer):
-        logger.info("Loaded tokenizer of %s: %s", spec, line)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_files_only)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not load a tokenizer from {source}: {exc}. The directory needs tokenizer "
+            "files (tokenizer.json or the files of a slow tokenizer) next to config.json; save "
+            "them with `tokenizer.save_pretrained(dir)`."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _load_tokenizer_from(source: Path | str, spec: str, allow_hub: bool) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=not allow_hub)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Could not load the tokenizer of model spec {spec!r} from {source}: {exc}. The "
-            "directory needs tokenizer files (tokenizer.json or the files of a slow tokenizer) "
-            "next to config.json; save them with `tokenizer.save_pretrained(dir)`."
-        ) from exc
-
-
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Make `tokenizer` safe for batched generation, in place; return what was changed.
+    """Make a served model's tokenizer safe for batched generation, in place; return the changes.
 
-    Sets left padding (generation appends on the right, so real tokens must end every row), and
-    makes the pad token distinct from EOS: an existing unused special token when there is one,
-    else a newly added ``<|pad|>`` (the model's embeddings must then grow; see `load_causal_lm`).
+    `app.ml` itself never reads meaning into the pad token (see `load_tokenizer`), but code
+    outside it that generates with a served model may: Hugging Face `generate`, or an attention
+    mask built as `ids != pad`. So `load_causal_lm` sets left padding (generation appends on
+    the right, so real tokens must end every row) and makes the pad token distinct from EOS: an
+    existing unused special token when there is one, else a newly added ``<|pad|>`` (the model's
+    embeddings must then grow, which is why only `load_causal_lm`, holding the model, does this).
     """
     changes: list[str] = []
     if tokenizer.padding_side != "left":
@@ -325,9 +340,9 @@ def load_causal_lm(
     the change is listed in `LoadedModel.adjustments`.
     """
     source = resolve_model_dir(spec, artifacts_dir, allow_hub=allow_hub)
-    target = torch.device(device) if device is not None else pick_device()
+    target = pick_device("auto" if device is None else device)
     dtype = dtype_for(target)
-    tokenizer = _load_tokenizer_from(source, spec, allow_hub)
+    tokenizer = load_tokenizer(source, local_files_only=not allow_hub)
     adjustments = prepare_tokenizer(tokenizer)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,41 +1,17 @@
-"""Preference pairs as plain data, and the train/validation split by prompt.
+"""The train/validation split of preference pairs by prompt.
 
-The services turn judgments into `PreferenceExample`s; `app.ml.reward` turns those into a reward
-model. Nothing here knows about the database.
+The services turn judgments into `PreferenceExample`s (plain data, defined in `app.kinds.data`);
+`app.ml.reward` turns those into a reward model. Nothing here knows about the database.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+from app.kinds.data import PreferenceExample
 
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One human comparison: `chosen` was preferred over `rejected` as an answer to `prompt`.
-
-    `prompt` is the conversation so far as chat messages (`{"role": ..., "content": ...}`); the
-    two responses are the assistant turn that follows it. `label` is the probability that
-    `chosen` is better (1.0 for a clear preference, 0.5 for a tie used as a soft label); `margin`
-    is subtracted from the reward difference (stronger judgments ask for a wider gap). `group`
-    keys the prompt for the split; when empty, the prompt's messages themselves are the key.
-    """
-
-    prompt: list[dict[str, str]]
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    label: float = 1.0
-    group: str = field(default="")
-
-    @property
-    def group_key(self) -> str:
-        """The key that decides which side of the split this example lands on."""
-        if self.group:
-            return self.group
-        return json.dumps(self.prompt, sort_keys=True, ensure_ascii=False)
+__all__ = ["PreferenceExample", "split_by_prompt"]
 
 
 def split_by_prompt(

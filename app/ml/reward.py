@@ -3,6 +3,11 @@
     config → tokenize pairs (shared prefix) → pack rows → model → rewards → loss and metrics
     → training loop (checkpoints, cancellation, early stopping) → save → load and score
 
+The last part is the one reward-model loader (`load_reward_model`) and every way of scoring with
+a reward model: one prompt with many responses (`score_responses`), and a batch of different
+prompts (`RewardModelScorer`, which PPO and evaluation use). `token_values` reads the scalar head
+at every token, which is also how PPO's value model works.
+
 Where the speed comes from. The chosen and the rejected answer of a pair continue the same
 conversation, and the conversation is most of the tokens (on HH-RLHF with SmolLM2's tokenizer, 114
 of a pair's 149 tokens per sequence). So each pair becomes ONE row
@@ -26,13 +31,12 @@ computes the frozen lower part once per pair before training, so every epoch run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,120 +46,39 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from app.kinds.reward import RewardConfig
 from app.ml.chat import inert_messages
+from app.ml.checkpoint import (
+    TrainCheckpoint,
+    load_trainable_state,
+    seed_everything,
+    trainable_state,
+)
 from app.ml.hooks import Cancelled, Hooks, NullHooks
-from app.ml.io import atomic_torch_save, replace_dir
+from app.ml.io import save_model_dir
+from app.ml.loading import load_tokenizer, pick_device
+from app.ml.policy import (
+    Messages,
+    freeze,
+    last_true_index,
+    left_pad,
+    lora_config,
+    position_ids_from_mask,
+    unwrap_peft,
+)
 from app.ml.preferences import PreferenceExample
+from app.ml.vocab_grads import embed, plain_embedding
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METADATA_NAME = "verdict_reward.json"
-TRAIN_MODES = ("full", "lora", "last_n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RewardConfig:
-    backbone: str = field(
-        default="",
-        metadata={"help": "Directory (or configured hub id) of the causal LM to start from."},
-    )
-    max_length: int = field(
-        default=512,
-        metadata={
-            "help": "Most tokens in one prompt+response sequence. Longer pairs lose the start of "
-            "the prompt first, then the end of the responses."
-        },
-    )
-    train_mode: str = field(
-        default="full",
-        metadata={"help": "What trains: `full` (every weight), `lora`, or `last_n` (fast on CPU)."},
-    )
-    last_n_layers: int = field(
-        default=2,
-        metadata={"help": "`last_n` mode: how many top decoder layers train (plus norm and head)."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "`lora` mode: adapter rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "`lora` mode: adapter scaling alpha."})
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "`lora` mode: comma-separated names of the linear layers to adapt."},
-    )
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    batch_size: int = field(default=8, metadata={"help": "Preference pairs per forward pass."})
-    grad_accumulation: int = field(
-        default=1, metadata={"help": "Forward passes whose gradients make one optimizer step."}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Clip the global gradient norm to this (0: no clipping)."}
-    )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "Fraction of the steps with a linear learning-rate warmup."}
-    )
-    min_lr_ratio: float = field(
-        default=0.0,
-        metadata={"help": "The cosine schedule decays to this fraction of the peak rate."},
-    )
-    epochs: int = field(default=1, metadata={"help": "Passes over the training pairs."})
-    max_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps; when > 0 it overrides `epochs`."}
-    )
-    eval_every: int = field(
-        default=0,
-        metadata={"help": "Evaluate on the validation pairs every N steps (always at the end)."},
-    )
-    early_stopping_patience: int = field(
-        default=0,
-        metadata={
-            "help": "Stop after N evaluations without a better validation accuracy (0: off)."
-        },
-    )
-    restore_best: bool = field(
-        default=True,
-        metadata={"help": "Save the weights of the best validation accuracy, not the last ones."},
-    )
-    center_rewards_coefficient: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the (r_chosen + r_rejected)^2 term that centers rewards."},
-    )
-    length_group_batches: int = field(
-        default=16,
-        metadata={
-            "help": "Pairs of this many batches are sorted by length together (less padding)."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seeds the head init, adapters and data order."})
-    checkpoint_every: int = field(
-        default=0,
-        metadata={"help": "Write a resumable checkpoint every N steps (0: only when cancelled)."},
-    )
-    device: str = field(default="cpu", metadata={"help": "torch device to train on."})
-
-    def validate(self) -> None:
-        """Raise ValueError for a config that cannot train."""
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
-        if not self.backbone:
-            raise ValueError("backbone is required")
-        if self.max_length < 2 or self.batch_size < 1 or self.grad_accumulation < 1:
-            raise ValueError("max_length >= 2, batch_size >= 1 and grad_accumulation >= 1 needed")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ValueError("set epochs or max_steps")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RewardConfig:
-        """Build a config from a dict (a run's stored config), ignoring unknown keys."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+# A run may resume on another device; every other setting must be what it started with.
+_RESUMABLE_FIELDS = {"device"}
+# A reward given as a callable: (prompt messages, response texts, response token ids) -> scores.
+ScoreFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor | Sequence[float]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +88,8 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class EncodedPair:
+    """A preference pair as tokens: the shared prefix, both continuations, margin and label."""
+
     prefix: list[int]
     chosen: list[int]
     rejected: list[int]
@@ -173,6 +98,7 @@ class EncodedPair:
 
     @property
     def row_length(self) -> int:
+        """Tokens in the packed row `[prefix | chosen | rejected]`."""
         return len(self.prefix) + len(self.chosen) + len(self.rejected)
 
 
@@ -238,6 +164,8 @@ def encode_pair(
 
 @dataclass
 class PackedRows:
+    """A batch laid out by `pack_rows`, ready for the decoder."""
+
     input_ids: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, 1, T, T] bool, True where a query may attend a key
@@ -337,7 +265,7 @@ def rewards_at_last_token(
     """Rewards [B] of an ordinary padded batch (left or right padding), read at the last real
     token that `attention_mask` marks; positions are counted from the first real token."""
     mask = attention_mask.long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(mask)
     index = torch.arange(mask.shape[1], device=mask.device)
     last = (index * mask).argmax(-1)
     hidden = _decoder(model)(
@@ -365,9 +293,9 @@ def _run_layers(
 def lower_hidden_states(model: PreTrainedModel, rows: PackedRows, n_frozen: int) -> torch.Tensor:
     """`last_n` mode: hidden states [B, T, H] entering decoder layer `n_frozen`."""
     decoder = _decoder(model)
-    embed: nn.Module = decoder.embed_tokens  # type: ignore[assignment]
+    embed_tokens: nn.Module = decoder.embed_tokens  # type: ignore[assignment]
     layers: nn.ModuleList = decoder.layers  # type: ignore[assignment]
-    return _run_layers(decoder, embed(rows.input_ids), rows, list(layers[:n_frozen]))
+    return _run_layers(decoder, embed_tokens(rows.input_ids), rows, list(layers[:n_frozen]))
 
 
 def upper_rewards(
@@ -379,14 +307,6 @@ def upper_rewards(
     norm: nn.Module = decoder.norm  # type: ignore[assignment]
     hidden = norm(_run_layers(decoder, hidden, rows, list(layers[n_frozen:])))
     return _score_at(model, hidden, rows.ends)
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The backbone's tokenizer, with a pad token (EOS when it has none; rewards never use it)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def build_reward_model(
@@ -407,16 +327,12 @@ def build_reward_model(
     model.eval()
     root: nn.Module = model
     if config.train_mode == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=[m.strip() for m in config.lora_target_modules.split(",") if m.strip()],
+        targets = [m.strip() for m in config.lora_target_modules.split(",") if m.strip()]
+        root = get_peft_model(
+            model, lora_config(config.lora_r, config.lora_alpha, targets, "SEQ_CLS")
         )
-        root = get_peft_model(model, lora)
         root.eval()
     elif config.train_mode == "last_n":
         layers: nn.ModuleList = _decoder(model).layers  # type: ignore[assignment]
@@ -625,6 +541,8 @@ def _evaluate_set(
 
 @dataclass
 class RewardResult:
+    """What `train_reward_model` hands back: where the model is and how training went."""
+
     output_dir: Path
     steps: int
     final_metrics: dict[str, float]
@@ -636,20 +554,9 @@ class RewardResult:
     stopped_early: bool
 
 
-def _trainable_state(root: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in root.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(root: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(root.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    # A run may resume on another device; everything else must match what it started with.
-    return {k: v for k, v in config.items() if k != "device"}
+def _copy_of_trainable(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights as a copy that later steps cannot change (the best so far)."""
+    return {n: t.clone() for n, t in trainable_state(root).items()}
 
 
 def train_reward_model(
@@ -673,13 +580,10 @@ def train_reward_model(
     The output is a Hugging Face directory (model + tokenizer) written atomically.
     """
     hooks = hooks if hooks is not None else NullHooks()
-    config.validate()
 
     # --- seeding -----------------------------------------------------------------------------
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    seed_everything(config.seed)
+    device = pick_device(config.device)
 
     # --- data --------------------------------------------------------------------------------
     tokenizer = load_tokenizer(config.backbone)
@@ -710,7 +614,7 @@ def train_reward_model(
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accumulation)
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        trainable, lr=config.peak_learning_rate(), weight_decay=config.weight_decay
     )
     warmup_steps = int(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -724,57 +628,35 @@ def train_reward_model(
     best_params: dict[str, torch.Tensor] | None = None
     evals_without_gain = 0
     eval_history: dict[int, dict[str, float]] = {}
-    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
-
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        # Our own file, holding RNG states (tuples, numpy arrays) that weights_only refuses.
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if _comparable(ckpt["config"]) != _comparable(asdict(config)):
-            raise ValueError("checkpoint was written by a run with a different config")
-        if ckpt["snapshot_id"] != snapshot_id:
-            raise ValueError(
-                f"checkpoint belongs to snapshot {ckpt['snapshot_id']}, not {snapshot_id}"
-            )
-        _load_trainable(root, ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = ckpt["step"]
-        best_accuracy, best_step = ckpt["best_accuracy"], ckpt["best_step"]
-        best_params, evals_without_gain = ckpt["best_params"], ckpt["evals_without_gain"]
-        eval_history = ckpt["eval_history"]
-        train_seconds += ckpt["train_seconds"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+    # The data position needs no saving: an epoch's batch order is a function of (seed, epoch).
+    checkpoint = TrainCheckpoint(
+        checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None,
+        config.to_dict(),
+        _RESUMABLE_FIELDS,
+        models={"trainable": root},
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data={"snapshot_id": snapshot_id},
+    )
+    resumed = checkpoint.load() if resume else None
+    if resumed is not None:
+        step, extra = resumed
+        best_accuracy, best_step = extra["best_accuracy"], extra["best_step"]
+        best_params, evals_without_gain = extra["best_params"], extra["evals_without_gain"]
+        eval_history = extra["eval_history"]
+        train_seconds += extra["train_seconds"]
 
     def save_checkpoint() -> None:
-        if checkpoint_path is None:
-            return
-        atomic_torch_save(
+        checkpoint.save(
+            step,
             {
-                "format": 1,
-                "config": asdict(config),
-                "snapshot_id": snapshot_id,
-                "step": step,
-                # The data position: the batch order of an epoch is a function of (seed, epoch).
-                "epoch": step // steps_per_epoch,
-                "step_in_epoch": step % steps_per_epoch,
-                "trainable": _trainable_state(root),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "best_accuracy": best_accuracy,
                 "best_step": best_step,
                 "best_params": best_params,
                 "evals_without_gain": evals_without_gain,
                 "eval_history": eval_history,
                 "train_seconds": train_seconds,
-                "rng": {
-                    "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                },
             },
-            checkpoint_path,
         )
 
     # --- training loop -----------------------------------------------------------------------
@@ -854,7 +736,7 @@ def train_reward_model(
             if best_accuracy is None or ev["accuracy"] > best_accuracy:
                 best_accuracy, best_step, evals_without_gain = ev["accuracy"], step, 0
                 if config.restore_best:
-                    best_params = _trainable_state(root)
+                    best_params = _copy_of_trainable(root)
             else:
                 evals_without_gain += 1
             if (
@@ -876,7 +758,7 @@ def train_reward_model(
     # --- output ------------------------------------------------------------------------------
     final_metrics = dict(metrics)
     if config.restore_best and best_params is not None and best_step != step:
-        _load_trainable(root, best_params)
+        load_trainable_state(root, best_params)
         final_metrics.update(eval_history[best_step] if best_step is not None else {})
     _save_output(model, root, tokenizer, config, output_dir, snapshot_id, final_metrics)
     return RewardResult(
@@ -905,20 +787,16 @@ def _save_output(
         # Plain transformers must load the result: fold the adapters into the weights.
         model = root.merge_and_unload()  # type: ignore[operator]
     model.config.pad_token_id = tokenizer.pad_token_id
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     metadata = {
         "kind": "reward",
         "reward_at": "last real token of prompt+response, chat template applied",
         "max_length": config.max_length,
         "snapshot_id": snapshot_id,
-        "config": asdict(config),
+        "config": config.to_dict(),
         "metrics": metrics,
     }
-    (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    replace_dir(tmp, output_dir)
+    metadata_text = json.dumps(metadata, indent=2, sort_keys=True)
+    save_model_dir(model, tokenizer, output_dir, {METADATA_NAME: metadata_text})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -928,15 +806,25 @@ def _save_output(
 
 @dataclass
 class LoadedRewardModel:
+    """A reward model ready to score: the frozen model, its tokenizer, its trained length."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     max_length: int
 
 
-def load_reward_model(path: str | Path, device: str = "cpu") -> LoadedRewardModel:
-    """Load a saved reward model (any 1-output sequence classifier directory) for scoring."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-    model.to(torch.device(device)).eval()
+def load_reward_model(
+    path: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32
+) -> LoadedRewardModel:
+    """Load a saved reward model (any 1-output sequence classifier directory) for scoring.
+
+    The one reward-model loader, for scoring runs, PPO and evaluation alike: the model frozen
+    in eval mode on `device` (`pick_device` spelling) in `dtype`, its tokenizer
+    (`load_tokenizer`), and the max length it was trained with (2048 without Verdict's
+    metadata, for a reward model trained elsewhere)."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    freeze(model)
+    model.to(pick_device(device))
     metadata = Path(path) / METADATA_NAME
     max_length = json.loads(metadata.read_text())["max_length"] if metadata.exists() else 2048
     return LoadedRewardModel(model, load_tokenizer(path), int(max_length))
@@ -981,3 +869,98 @@ def evaluate_reward_model(
     return _evaluate_set(
         loaded.model, data, int(loaded.tokenizer.pad_token_id), None, batch_size, 0.0
     )
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a sequence-classification model (optionally wrapped by peft) into body and head."""
+    inner = unwrap_peft(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    for name in ("score", "classifier"):
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return backbone, head
+    raise ValueError(f"{type(inner).__name__} has no scalar head named 'score' or 'classifier'")
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The scalar head applied at every position: `[batch, len]` values (or rewards). A plain
+    input embedding runs through `vocab_grads.embed` (its gradient is added in place)."""
+    backbone, head = _backbone_and_head(model)
+    embedding = plain_embedding(backbone.get_input_embeddings())  # type: ignore[operator]
+    tokens = (
+        {"input_ids": input_ids}
+        if embedding is None
+        else {"inputs_embeds": embed(input_ids, embedding.weight)}
+    )
+    hidden = backbone(
+        **tokens,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+class RewardModelScorer:
+    """Scores (prompt, response text) pairs with a sequence-classification reward model.
+
+    The response is re-rendered with the reward model's own tokenizer and chat template, as the
+    reward model saw its training pairs, and the score is read at the last real token found from
+    the attention mask (never from the pad id, which may equal EOS). This is for a batch of
+    different prompts, as PPO and evaluation score them; `score_responses` packs one prompt's
+    many responses into one row instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        # With shared LoRA weights, `context` disables the value adapter to reach the pure RM.
+        self.context = context
+
+    def conversation_ids(self, messages: Messages, response: str) -> list[int]:
+        """The tokens the reward model scores: the rendering it was trained on."""
+        return _conversation_ids(self.tokenizer, messages, response)
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list[Messages], texts: list[str], device: torch.device
+    ) -> torch.Tensor:
+        """One float score per response."""
+        rendered = [
+            self.conversation_ids(messages, text)[-self.max_length :]
+            for messages, text in zip(prompts, texts, strict=True)
+        ]
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        scores = []
+        for start in range(0, len(rendered), self.batch_size):
+            chunk = rendered[start : start + self.batch_size]
+            input_ids, mask = left_pad(chunk, pad, device)
+            with self.context():
+                values = token_values(self.model, input_ids, mask)
+            scores.append(values[torch.arange(len(chunk)), last_true_index(mask)])
+        return torch.cat(scores)
+
+
+def reward_scores(
+    reward: RewardModelScorer | ScoreFn,
+    prompts: list[Messages],
+    texts: list[str],
+    token_ids: list[list[int]],
+    device: torch.device,
+) -> torch.Tensor:
+    """One float32 score per response on `device`, from a reward model or a callable reward
+    (which gets the prompts, the decoded texts and the token ids)."""
+    if isinstance(reward, RewardModelScorer):
+        return reward(prompts, texts, device)
+    raw = reward(prompts, texts, token_ids)
+    return torch.as_tensor(raw, dtype=torch.float32).reshape(-1).to(device)

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from app.ml import ppo
 from app.ml.decode import LlamaDecoder
+from app.ml.policy import position_ids_from_mask
 
 VOCAB = 60
 
@@ -42,9 +43,7 @@ def reference_logits(
 ) -> torch.Tensor:
     """The last position's logits from the model's own forward over the whole sequence."""
     with torch.no_grad():
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=ppo.position_ids_from_mask(mask)
-        )
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     return out.logits[:, -1].float()
 
 
@@ -53,7 +52,7 @@ def test_prefill_and_decode_steps_equal_the_models_forward(rows: int) -> None:
     model = tiny_llama()
     ids, mask = (t[:rows] for t in left_padded())
     decoder = LlamaDecoder(model, rows, capacity=ids.shape[1] + 5)
-    positions = ppo.position_ids_from_mask(mask)
+    positions = position_ids_from_mask(mask)
 
     logits = decoder.forward(ids, positions, mask)
     torch.testing.assert_close(logits, reference_logits(model, ids, mask), rtol=1e-5, atol=1e-5)
@@ -71,7 +70,7 @@ def test_prefill_and_decode_steps_equal_the_models_forward(rows: int) -> None:
 def test_the_cache_grows_and_its_rows_can_be_repeated_and_selected() -> None:
     model = tiny_llama()
     ids, mask = left_padded()
-    positions = ppo.position_ids_from_mask(mask)
+    positions = position_ids_from_mask(mask)
     # One row's prompt, shared by three rows, as generation does for samples of one prompt.
     decoder = LlamaDecoder(model, 1, capacity=2)  # smaller than the prompt: it must grow
     decoder.forward(ids[1:2, :5], positions[1:2, :5], mask[1:2, :5])

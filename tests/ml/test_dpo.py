@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from app.ml import dpo
 from app.ml.hooks import Cancelled, RecordingHooks
-from app.ml.ppo import load_tokenizer
+from app.ml.loading import load_tokenizer
 from tests.tiny_models import save_tiny_model
 
 PROMPTS = [

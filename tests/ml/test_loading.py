@@ -92,7 +92,8 @@ def test_hub_id_with_allow_hub_is_passed_through(
 def test_pad_distinct_from_eos_when_saved_tokenizer_has_pad_equal_eos(tmp_path: Path) -> None:
     model_dir = save_tiny_model(tmp_path / "tiny", pad_equals_eos=True)
 
-    tokenizer = load_tokenizer(str(model_dir), artifacts_dir=tmp_path / "artifacts")
+    tokenizer = load_tokenizer(model_dir)
+    prepare_tokenizer(tokenizer)  # what load_causal_lm does for serving
     loaded = load_causal_lm(str(model_dir), artifacts_dir=tmp_path / "artifacts", device="cpu")
 
     for tok in (tokenizer, loaded.tokenizer):

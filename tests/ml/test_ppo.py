@@ -570,7 +570,7 @@ def test_reward_model_with_lora_shares_weights_and_merges(tmp_path: Path) -> Non
 
     # Scores equal what the plain reward model gives for the sampled texts: the value
     # adapter was disabled while scoring, so the RM was untouched by value training.
-    rm = ppo.load_reward_model(rm_dir, torch.float32, torch.device("cpu"))
+    rm = ppo.load_reward_model(rm_dir).model
     scorer = ppo.RewardModelScorer(rm, ppo.load_tokenizer(rm_dir), 1024, 8)
     for step, table in result.samples.items():
         prompts = [ppo.as_messages(next(p for p in PROMPTS if _last(p) == r["prompt"]))

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from app.ml.hooks import Cancelled, RecordingHooks
+from app.ml.loading import load_tokenizer
 from app.ml.preferences import PreferenceExample, split_by_prompt
 from app.ml.reward import (
     RewardConfig,
     build_reward_model,
     encode_pair,
     load_reward_model,
-    load_tokenizer,
     lower_hidden_states,
     pack_pairs,
     packed_rewards,

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from app.ml import ppo, vocab_grads
+from app.ml.policy import _causal_lm_parts, position_ids_from_mask
 
 VOCAB, CTX, TEMPERATURE = 50, 7, 0.7
 
@@ -41,7 +42,7 @@ def micro_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 def plain_losses(policy: LlamaForCausalLM, value_model: LlamaForSequenceClassification) -> None:
     """The same losses through Hugging Face's own forward: F.embedding, nn.Linear, autograd."""
     for ids, mask in micro_batches():
-        positions = ppo.position_ids_from_mask(mask)
+        positions = position_ids_from_mask(mask)
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         logp = torch.log_softmax(logits[:, CTX - 1 : -1] / TEMPERATURE, -1)
         logprobs = logp.gather(2, ids[:, CTX:, None]).squeeze(-1)
@@ -74,7 +75,7 @@ def test_in_place_vocab_gradients_equal_plain_autograd(tied: bool) -> None:
     policy.zero_grad(set_to_none=True)
     value_model.zero_grad(set_to_none=True)
 
-    assert ppo._causal_lm_parts(policy) is not None  # the in-place path really runs
+    assert _causal_lm_parts(policy) is not None  # the in-place path really runs
     fast_losses(policy, value_model)
     got = {
         (m, n): p.grad
@@ -126,4 +127,4 @@ def test_frozen_vocab_matrices_get_no_gradient_but_the_rest_does() -> None:
 def test_models_with_a_processed_head_keep_their_own_forward() -> None:
     policy, _ = tiny_pair(tied=True)
     policy.config.model_type = "gemma2"  # final-logit softcapping follows its lm_head
-    assert ppo._causal_lm_parts(policy) is None
+    assert _causal_lm_parts(policy) is None

@@ -1,0 +1,63 @@
+"""Generation: how the policy samples answers (`SamplingConfig`, read by `app.ml.generation`),
+and the config of a `generate` run (which prompts; sampling knobs unset take the project's)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from app.kinds.knobs import Knobs, knob, same_knob
+
+
+class SamplingConfig(Knobs):
+    """How to sample responses; defaults suit collecting pairs for human comparison."""
+
+    num_responses: int = knob(2, "K: responses sampled per prompt (2 for a comparison pair)", ge=1)
+    temperature: float = knob(
+        0.7, "softmax temperature when sampling; ignored when greedy", ge=0.0, le=2.0
+    )
+    top_p: float = knob(
+        0.9, "nucleus sampling: keep the smallest token set with this much mass", gt=0.0, le=1.0
+    )
+    max_new_tokens: int = knob(
+        128, "longest response; a response cut here is `truncated`", ge=1, le=4096
+    )
+    batch_size: int = knob(16, "sequences (prompt x sample rows) decoded together", ge=1, le=1024)
+    do_sample: bool = knob(True, "sample; False means greedy (all K responses are equal)")
+    seed: int = knob(0, "seeds every row's generator; same seed, same responses")
+
+    @model_validator(mode="after")
+    def _temperature_when_sampling(self) -> SamplingConfig:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; "
+                "use do_sample=False for greedy decoding"
+            )
+        return self
+
+
+_PROJECT = "default: the project's setting"
+
+
+class GenerateRunConfig(Knobs):
+    """The `config` of a `generate` run: which prompts, and sampling knobs where they differ
+    from the project's settings (unset ones take the project's)."""
+
+    prompt_ids: list[int] | None = Field(
+        None, description="only these prompts (default: every prompt lacking responses)"
+    )
+    limit: int | None = Field(None, ge=1, description="at most this many prompts")
+    responses_per_prompt: int | None = same_knob(
+        SamplingConfig, "num_responses", default=None, ge=2, le=8, note=_PROJECT
+    )
+    temperature: float | None = same_knob(
+        SamplingConfig, "temperature", default=None, gt=0.0, note=_PROJECT
+    )
+    top_p: float | None = same_knob(SamplingConfig, "top_p", default=None, note=_PROJECT)
+    max_new_tokens: int | None = same_knob(
+        SamplingConfig, "max_new_tokens", default=None, note=_PROJECT
+    )
+    batch_size: int = same_knob(SamplingConfig, "batch_size")
+    first_batch_prompts: int = knob(
+        0, "if > 0, a first small batch so the first pairs land early", ge=0, le=64
+    )
+    seed: int | None = same_knob(SamplingConfig, "seed", default=None, note="default: the run id")
