@@ -1,4 +1,9 @@
-"""The `verdict` command line."""
+"""The `verdict` command line.
+
+Commands import the database layer and the services when they run, not at the top: see
+`app.cli_runs`, which also holds `database_session`, the check-then-open every database
+command starts with.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,9 @@ from pathlib import Path
 from typing import Annotated, cast
 
 import typer
-from alembic import command
-from alembic.config import Config
 from rich.console import Console
 
-from app.cli_runs import runs_app, scheduler, worker
-from app.core.config import ROOT_DIR, Settings, get_settings
-from app.core.db import session_scope
-from app.services import generation, projects, prompts, users
+from app.cli_runs import database_session, runs_app, scheduler, worker
 from app.services.errors import InvalidInput, ServiceError
 
 app = typer.Typer(help="Verdict: a self-hosted RLHF workbench.", no_args_is_help=True)
@@ -35,17 +35,6 @@ app.command()(scheduler)
 err = Console(stderr=True)
 
 
-def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(ROOT_DIR / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT_DIR / "migrations"))
-    cfg.attributes["url"] = database_url
-    return cfg
-
-
-def upgrade_database(settings: Settings) -> None:
-    command.upgrade(alembic_config(settings.database_url), "head")
-
-
 def fail(exc: ServiceError) -> None:
     err.print(f"[red]error:[/red] {exc.message}", highlight=False)
     if isinstance(exc, InvalidInput):
@@ -60,6 +49,9 @@ def fail(exc: ServiceError) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply all migrations to the configured database."""
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade_database
+
     upgrade_database(get_settings())
     typer.echo("database is at the latest revision")
 
@@ -71,7 +63,9 @@ def user_create(
     role: Annotated[str, typer.Option(help="admin, reviewer or rater")] = "rater",
 ) -> None:
     """Create a user."""
-    with session_scope() as session:
+    from app.services import users
+
+    with database_session() as session:
         try:
             user = users.create_user(session, email, password, role)
         except ServiceError as exc:
@@ -85,7 +79,9 @@ def user_password(
     password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
 ) -> None:
     """Set a user's password."""
-    with session_scope() as session:
+    from app.services import users
+
+    with database_session() as session:
         user = users.get_user_by_email(session, email)
         if user is None:
             err.print(f"[red]error:[/red] no user with email {email}")
@@ -103,7 +99,9 @@ def token_create(
     name: Annotated[str, typer.Option(help="what the token is for")],
 ) -> None:
     """Create an API token; the token alone is the last line of output."""
-    with session_scope() as session:
+    from app.services import users
+
+    with database_session() as session:
         user = users.get_user_by_email(session, email)
         if user is None:
             err.print(f"[red]error:[/red] no user with email {email}")
@@ -123,7 +121,9 @@ def project_create(
     guidelines: Annotated[Path | None, typer.Option(help="a markdown file")] = None,
 ) -> None:
     """Create a project."""
-    with session_scope() as session:
+    from app.services import projects
+
+    with database_session() as session:
         try:
             project = projects.create_project(
                 session, slug, name, guidelines=guidelines.read_text() if guidelines else ""
@@ -139,6 +139,11 @@ def prompts_import(
     project: Annotated[str, typer.Option(help="project slug")],
 ) -> None:
     """Import prompts from a file, with the same validation and report as the API."""
+    from rich.progress import Progress
+
+    from app.core.config import get_settings
+    from app.services import generation, projects, prompts
+
     settings = get_settings()
     size = file.stat().st_size
     if size > settings.max_upload_bytes:
@@ -147,9 +152,7 @@ def prompts_import(
             " (VERDICT_MAX_UPLOAD_BYTES)"
         )
         raise typer.Exit(1)
-    from rich.progress import Progress
-
-    with session_scope() as session, Progress(console=err, transient=True) as bar:
+    with database_session() as session, Progress(console=err, transient=True) as bar:
         task = bar.add_task("validating", total=None)
         try:
             target = projects.get_project(session, project)
@@ -184,13 +187,14 @@ def import_preferences(
     source: Annotated[str, typer.Option(help="name the judgments are attributed to")] = "hh-rlhf",
 ) -> None:
     """Import preference pairs (HH-RLHF or TRL format) as complete comparisons."""
-    from app.services import imports
+    from app.core.config import get_settings
+    from app.services import imports, projects
 
     settings = get_settings()
     if format not in imports.FORMATS:
         err.print(f"[red]error:[/red] --format must be one of {', '.join(imports.FORMATS)}")
         raise typer.Exit(1)
-    with session_scope() as session:
+    with database_session() as session:
         try:
             target = projects.get_project(session, project)
             records, skipped = imports.parse_preferences(

@@ -1,4 +1,11 @@
-"""`verdict runs ...`, `verdict worker` and `verdict scheduler`."""
+"""`verdict runs ...`, `verdict worker` and `verdict scheduler`, and the CLI's way into the
+database (`database_session`).
+
+The database layer and the services are imported inside the commands that use them, here and
+in `app.cli`: SQLAlchemy, pydantic-settings and the models take ~0.4 s to import on two cores,
+which `verdict --help` and the commands that only start another program (worker, scheduler,
+serve) would otherwise pay for nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,22 @@ import json
 import os
 import sys
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
-from app.core.config import get_settings
-from app.core.db import session_scope
-from app.models import Run
-from app.services import projects, runs
-from app.services.dispatch import DEFAULT_QUEUE, GPU_QUEUE
+from app.kinds.queues import DEFAULT_QUEUE, GPU_QUEUE, SOLE_WORKER_ENV
 from app.services.errors import InvalidInput, ServiceError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.models import Run
 
 runs_app = typer.Typer(help="Runs: generation and training jobs.", no_args_is_help=True)
 out = Console()
@@ -31,6 +41,34 @@ STATUS_STYLE = {
     "failed": "red",
     "cancelled": "magenta",
 }
+
+
+def require_database() -> None:
+    """Exit with a clear message unless the configured database exists and is migrated.
+
+    Every command that uses the database calls this before its first session, so a command run
+    from the wrong directory neither creates an empty SQLite file nor dies on a missing table.
+    """
+    from app.core.migrate import DatabaseNotReady, check_database
+
+    try:
+        check_database()
+    except DatabaseNotReady as exc:
+        # soft_wrap: a long path stays on one line, whole, to copy or grep
+        err.print(f"[red]error:[/red] {escape(exc.problem)}", highlight=False, soft_wrap=True)
+        err.print(exc.hint, highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def database_session() -> Iterator[Session]:
+    """A command's unit of work on the configured database (committed when the command's block
+    ends), once `require_database` has found it there and migrated."""
+    from app.core.db import unit_of_work
+
+    require_database()
+    with unit_of_work() as session:
+        yield session
 
 
 def _fail(exc: ServiceError) -> None:
@@ -53,7 +91,9 @@ def list_runs(
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
 ) -> None:
     """List a project's runs, newest first."""
-    with session_scope() as session:
+    from app.services import projects, runs
+
+    with database_session() as session:
         try:
             rows = runs.list_runs(
                 session, projects.get_project(session, project), status=status, limit=limit
@@ -74,19 +114,62 @@ def list_runs(
     out.print(table)
 
 
-@runs_app.command("start")
-def start_run(
-    project: Annotated[str, typer.Option(help="project slug")],
-    kind: Annotated[str, typer.Option(help="generate (reward, ppo, dpo: later)")] = "generate",
-    config: Annotated[str, typer.Option(help="run config as a JSON object")] = "{}",
-) -> None:
-    """Queue a run; prints its id (follow it with `verdict runs watch ID`)."""
+def run_kind(value: str) -> str:
+    """A launchable run kind, checked against the registry (`app.kinds.registry`), which is
+    imported only when a kind is given, so other commands do not pay for it."""
+    from app.kinds.registry import LAUNCHABLE_KINDS
+
+    if value not in LAUNCHABLE_KINDS:
+        raise typer.BadParameter(
+            f"unknown run kind {value!r}; use one of {', '.join(LAUNCHABLE_KINDS)}"
+        )
+    return value
+
+
+KIND_HELP = "a run kind (`verdict runs kinds` lists them)"
+
+
+def _settings_from(config: str, assignments: list[str]) -> dict[str, object]:
+    """`--config` (a JSON object) with each `--set name=value` on top; a value is read as JSON
+    when it parses (numbers, true/false, null, lists), else as a string."""
     try:
         parsed = json.loads(config)
     except json.JSONDecodeError as exc:
         err.print(f"[red]error:[/red] --config is not valid JSON: {exc}")
         raise typer.Exit(1) from exc
-    with session_scope() as session:
+    if not isinstance(parsed, dict):
+        err.print("[red]error:[/red] --config must be a JSON object")
+        raise typer.Exit(1)
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            err.print(f"[red]error:[/red] --set {item!r}: write it as name=value")
+            raise typer.Exit(1)
+        try:
+            parsed[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[name] = raw
+    return parsed
+
+
+@runs_app.command("start")
+def start_run(
+    project: Annotated[str, typer.Option(help="project slug")],
+    kind: Annotated[str, typer.Option(parser=run_kind, metavar="KIND", help=KIND_HELP)] = (
+        "generate"
+    ),
+    config: Annotated[str, typer.Option(help="the run's knobs as a JSON object")] = "{}",
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="one knob as name=value (repeatable; see `runs knobs KIND`)"),
+    ] = [],  # noqa: B006 - typer reads the default, it is never mutated
+) -> None:
+    """Queue a run; prints its id (follow it with `verdict runs watch ID`)."""
+    parsed = _settings_from(config, set_)
+    from app.core.config import get_settings
+    from app.services import projects, runs
+
+    with database_session() as session:
         try:
             run = runs.create_run(
                 session,
@@ -95,16 +178,66 @@ def start_run(
                 parsed,
                 settings=get_settings(),
                 trigger="cli",
+                launchable_only=True,
             )
         except ServiceError as exc:
             _fail(exc)
-        typer.echo(f"queued run {run.id} ({run.kind})")
+    typer.echo(f"queued run {run.id} ({run.kind})")
+
+
+@runs_app.command("kinds")
+def list_kinds() -> None:
+    """The kinds of run `runs start` can queue."""
+    from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS
+
+    table = Table("kind", "what it does", "queue", "resumable")
+    for name in LAUNCHABLE_KINDS:
+        kind = RUN_KINDS[name]
+        table.add_row(name, kind.summary, kind.queue, "yes" if kind.resumable else "no")
+    out.print(table)
+
+
+@runs_app.command("knobs")
+def list_knobs(
+    kind: Annotated[str, typer.Argument(parser=run_kind, metavar="KIND", help=KIND_HELP)],
+) -> None:
+    """Every knob of a kind: type, default, bounds and what it does (set with --set)."""
+    from app.kinds.knobs import knob_table
+    from app.kinds.registry import RUN_KINDS
+
+    table = Table("knob", "type", "default", "bounds", "what it does")
+    for row in knob_table(RUN_KINDS[kind].config):
+        table.add_row(
+            row["name"],
+            row["type"] + (" | null" if row["nullable"] else ""),
+            json.dumps(row["default"]),
+            _bounds(row),
+            row["help"] + (f" One of: {', '.join(row['choices'])}." if row["choices"] else ""),
+        )
+    out.print(table)
+
+
+def _bounds(row: dict[str, object]) -> str:
+    low = (
+        ""
+        if row["minimum"] is None
+        else f"{'>' if row['exclusive_minimum'] else '≥'} {row['minimum']}"
+    )
+    high = (
+        ""
+        if row["maximum"] is None
+        else f"{'<' if row['exclusive_maximum'] else '≤'} {row['maximum']}"
+    )
+    return ", ".join(part for part in (low, high) if part)
 
 
 @runs_app.command("cancel")
 def cancel_run(run_id: Annotated[int, typer.Argument(help="run id")]) -> None:
     """Cancel a run (a queued one at once, a running one at its next step)."""
-    with session_scope() as session:
+    from app.core.config import get_settings
+    from app.services import runs
+
+    with database_session() as session:
         try:
             run = runs.cancel_run(session, runs.get_run(session, run_id), settings=get_settings())
         except ServiceError as exc:
@@ -119,6 +252,18 @@ def watch_run(
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
 ) -> None:
     """Show a live progress bar until the run ends; exit 0 only if it succeeded."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from app.core.db import unit_of_work
+    from app.services import runs
+
+    require_database()  # once; the polls below open plain sessions
     columns = (
         TextColumn("[bold]run {task.fields[run_id]}[/] {task.fields[status]}"),
         BarColumn(),
@@ -130,7 +275,7 @@ def watch_run(
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task("run", total=None, run_id=run_id, status="", eta="", line="")
         while True:
-            with session_scope() as session:
+            with unit_of_work() as session:
                 try:
                     run = runs.get_run(session, run_id)
                 except ServiceError as exc:
@@ -159,7 +304,7 @@ def watch_run(
 
 
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = (
+    queues: Annotated[str, typer.Option("--queues", "-Q", help="comma-separated queues")] = (
         f"{GPU_QUEUE},{DEFAULT_QUEUE}"
     ),
     pool: Annotated[
@@ -167,12 +312,23 @@ def worker(
     ] = "solo",
     concurrency: Annotated[int, typer.Option(help="ignored by the solo pool")] = 1,
     beat: Annotated[bool, typer.Option(help="also run the scheduler inside this worker")] = False,
+    name: Annotated[
+        str, typer.Option(help="node name (two workers on one host need different ones)")
+    ] = "verdict@%h",
+    sole: Annotated[
+        bool,
+        typer.Option(
+            help="this is the only worker of its queues: at start it requeues their runs still"
+            " marked running (left by a stopped deployment) instead of waiting for the reaper"
+        ),
+    ] = False,
     loglevel: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Start a Celery worker (model work: --pool=solo on the gpu queue)."""
+    """Start a Celery worker (model work: --pool=solo on the gpu queue). At start it sends again
+    the message of every queued run of its queues, so nothing stays queued with nobody on it."""
     argv = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queues,
+        f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queues, "-n", name,
         f"--loglevel={loglevel}",
         # No gossip, mingle or worker events: they need broadcast, which the SQLite broker
         # lacks, and they slow the start of every worker.
@@ -180,7 +336,8 @@ def worker(
     ]  # fmt: skip
     if beat:
         argv += ["--beat", f"--schedule={_schedule_file()}"]
-    os.execv(sys.executable, argv)
+    env = {**os.environ, SOLE_WORKER_ENV: "1" if sole else ""}
+    os.execve(sys.executable, argv, env)
 
 
 def scheduler(loglevel: Annotated[str, typer.Option()] = "info") -> None:
@@ -193,6 +350,8 @@ def scheduler(loglevel: Annotated[str, typer.Option()] = "info") -> None:
 
 
 def _schedule_file() -> str:
+    from app.core.config import get_settings
+
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     return str(settings.var_dir / "celerybeat-schedule")

@@ -26,12 +26,13 @@ from typing import IO
 from sqlalchemy import func, select
 
 from app.core.config import Settings, get_settings
-from app.core.db import session_scope
+from app.core.db import unit_of_work
+from app.core.migrate import upgrade_database
 from app.core.security import new_one_time_password
 from app.demo_data import DEMO_GUIDELINES, DEMO_PROMPTS
+from app.kinds.queues import DEFAULT_QUEUE, GPU_QUEUE
 from app.models import ComparisonPair, Project, Prompt, Run, User
 from app.services import projects, prompts, runs, users
-from app.services.dispatch import DEFAULT_QUEUE, GPU_QUEUE
 from app.services.errors import NotFound
 
 DEMO_ADMIN_EMAIL = "admin@verdict.local"
@@ -50,7 +51,7 @@ READY_MARK = "first comparison ready"
 def seed_demo() -> str | None:
     """Create the demo admin and project if missing. Returns the admin's new password, if any."""
     password: str | None = None
-    with session_scope() as session:
+    with unit_of_work() as session:
         if users.get_user_by_email(session, DEMO_ADMIN_EMAIL) is None:
             password = new_one_time_password()
             users.create_user(session, DEMO_ADMIN_EMAIL, password, "admin")
@@ -77,14 +78,13 @@ def seed_demo() -> str | None:
 
 
 def queue_demo_generation(settings: Settings) -> Run | None:
-    """Recover runs a killed demo left behind, then queue generation unless one is active.
+    """Queue generation unless a generation run is queued or running already.
 
-    The demo has exactly one model worker and it is not started yet, so a run still marked running
-    was orphaned by a previous demo that did not shut down cleanly: the reaper with no grace
-    period requeues it (generation resumes where it stopped).
+    Runs a stopped demo left behind are picked up by its workers when they start: each is the
+    only worker of its queue (`--sole`), so it requeues their runs still marked running and sends
+    every queued run's message again (`app.jobs.runner.recover_at_start`).
     """
-    with session_scope() as session:
-        runs.reap_stale_runs(session, settings, timeout_s=0)
+    with unit_of_work() as session:
         project = projects.get_project(session, DEMO_SLUG)
         return runs.create_run_if_idle(
             session, project, "generate", DEMO_RUN_CONFIG, settings=settings, trigger="demo"
@@ -92,7 +92,7 @@ def queue_demo_generation(settings: Settings) -> Run | None:
 
 
 def first_pair_ready(project_slug: str = DEMO_SLUG) -> bool:
-    with session_scope() as session:
+    with unit_of_work() as session:
         count = session.scalar(
             select(func.count())
             .select_from(ComparisonPair)
@@ -160,13 +160,13 @@ class Child:
 
 
 def _worker(name: str, queue: str, node: str, logs: Path) -> Child:
-    """A solo Celery worker consuming one queue."""
+    """A solo worker consuming one queue, started the way `verdict worker` starts one; it is
+    the only worker of that queue (`--sole`)."""
     return Child(
         name,
         [
-            sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
-            "-Q", queue, "-n", f"{node}@%h", "--loglevel=info",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            sys.executable, "-m", "app.cli", "worker", "--pool=solo", "-Q", queue,
+            "--name", f"{node}@%h", "--sole",
         ],
         logs / f"{name}.log",
     )  # fmt: skip
@@ -231,8 +231,6 @@ def _port_free(host: str, port: int) -> bool:
 
 def run_demo(host: str, port: int) -> None:
     """Seed, queue generation, start web + worker + scheduler, and supervise until Ctrl-C."""
-    from app.cli import upgrade_database
-
     started = time.monotonic()
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.orm import sessionmaker
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,15 +19,16 @@ from app.api import (
     assignments,
     health,
     imports,
+    leaderboard,
     models,
-    policies,
     projects,
     prompts,
     runs,
+    snapshots,
     users,
 )
 from app.core.config import STATIC_DIR, Settings, get_settings
-from app.core.db import make_engine
+from app.core.db import make_engine, make_sessionmaker
 from app.services.errors import InvalidInput, ServiceError
 from app.web import auth, pages, rate
 
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.database_url)
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.sessionmaker = make_sessionmaker(engine)
 
     app.add_middleware(
         SessionMiddleware,
@@ -145,10 +146,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
-    for module in (health, projects, prompts, users, assignments, runs, imports, models, policies):
+    api_modules = (
+        health, projects, prompts, users, assignments, runs, imports, snapshots, models,
+        leaderboard,
+    )  # fmt: skip
+    for module in api_modules:
         app.include_router(module.router)
     app.include_router(auth.router)
     app.include_router(pages.router)
     app.include_router(rate.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_run_kind_schemas(app)
     return app
+
+
+def _add_run_kind_schemas(app: FastAPI) -> None:
+    """Put every launchable run kind's config schema into the OpenAPI components, where the
+    `POST /projects/{slug}/runs` body (`app.api.runs.CREATE_BODY_DOC`) refers to them."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                runs.kind_schemas()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

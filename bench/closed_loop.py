@@ -42,17 +42,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from app.cli import upgrade_database  # noqa: E402
 from app.core.config import Settings  # noqa: E402
+from app.core.db import unit_of_work  # noqa: E402
+from app.core.migrate import upgrade_database  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.services import users  # noqa: E402
 
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Closed loop"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MIN_WORDS = 3
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "VERDICT_SECRET_KEY": settings.secret_key or "", "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
     app = create_app(settings)
-    with app.state.sessionmaker() as s:
+    with unit_of_work(app.state.sessionmaker) as s:
         admin = users.create_user(s, "bench-admin@example.com", "long enough pw", "admin")
         rater = users.create_user(s, "bench-rater@example.com", "long enough pw", "rater")
         admin_h = {"Authorization": f"Bearer {users.create_token(s, admin, 'b').secret}"}
@@ -477,22 +479,6 @@ def markdown_cell(text: str) -> str:
     return text
 
 
-def write_docs(text: str) -> None:
-    """Replace this benchmark's own section of docs/benchmarks.md (or append it)."""
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = current.find(SECTION + "\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        tail = "" if end == -1 else current[end + 1 :]
-        updated = current[:start] + text + ("\n" + tail if tail else "")
-    fd, tmp = tempfile.mkstemp(dir=DOCS.parent, prefix=".benchmarks.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(updated)
-    os.replace(tmp, DOCS)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, no docs")
@@ -528,7 +514,7 @@ def main() -> None:
     if args.quick:
         print("(--quick: docs/benchmarks.md left unchanged)", file=sys.stderr)
     else:
-        write_docs(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from sections import DOCS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Demo startup"
 TARGET_S = 180.0
 
@@ -77,11 +77,11 @@ def rater_token(var_dir: Path) -> str:
     """A rater of our own, made through the services (as `verdict user create` would)."""
     os.environ["VERDICT_VAR_DIR"] = str(var_dir)
     from app.core.config import get_settings
-    from app.core.db import session_scope
+    from app.core.db import unit_of_work
     from app.services import users
 
     get_settings.cache_clear()
-    with session_scope() as session:
+    with unit_of_work() as session:
         email = "bench-rater@verdict.local"
         user = users.get_user_by_email(session, email)
         if user is None:
@@ -177,17 +177,6 @@ def processes_of(var_dir: Path) -> list[int]:
     return found
 
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text, current)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    DOC.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -258,8 +247,8 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write:
-        write_section(text)
-        print(f"written to {DOC}")
+        write_section(SECTION, text)
+        print(f"written to {DOCS}")
 
 
 if __name__ == "__main__":

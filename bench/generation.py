@@ -22,19 +22,18 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from sections import DOCS, write_section
 
 from app.ml.generation import SamplingConfig, encode_prompt, generate_responses, stop_token_ids
 from app.ml.loading import load_causal_lm, resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Generation"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 ARTIFACTS = Path("var/artifacts")
@@ -228,23 +227,6 @@ def section(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    """Replace this benchmark's own section of docs/benchmarks.md (or append it)."""
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = current.find(SECTION + "\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        tail = "" if end == -1 else current[end + 1 :]
-        updated = current[:start] + text + ("\n" + tail if tail else "")
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=DOCS.parent, prefix=".benchmarks.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(updated)
-    os.replace(tmp, DOCS)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 prompts, 16 tokens, no docs")
@@ -279,7 +261,7 @@ def main() -> None:
     if args.quick:
         print("(--quick: docs/benchmarks.md left unchanged)", file=sys.stderr)
     else:
-        write_docs(text)
+        write_section(SECTION, text)
         print(f"wrote the {SECTION!r} section of {DOCS}", file=sys.stderr)
 
 

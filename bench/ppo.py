@@ -44,11 +44,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / "var" / "bench-venv-trl112"
 WORK = ROOT / "var" / "bench" / "ppo"
 HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-DOCS = ROOT / "docs" / "benchmarks.md"
 
 FULL = {"steps": 5, "batch": 4, "micro": 2, "epochs": 2, "new_tokens": 32, "prompt_tokens": 96}
 QUICK = {"steps": 1, "batch": 2, "micro": 2, "epochs": 1, "new_tokens": 16, "prompt_tokens": 64}
@@ -535,17 +536,6 @@ def target_line(results: list[dict], s: dict[str, Any]) -> str:
     return "Target (at least 1.3x TRL's throughput at no more memory): " + "; ".join(verdicts) + "."
 
 
-def write_section(section: str) -> None:
-    """Replace (or append) the `## PPO` section of docs/benchmarks.md, leaving others alone."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## PPO\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke run")
@@ -585,7 +575,7 @@ def main() -> None:
         section = markdown(saved["results"], settings, args, saved["seconds"])
         print(section)
         if args.write_docs:
-            write_section(section)
+            write_section("## PPO", section)
         return
     if args.worker:
         result = (run_ours if args.worker == "ours" else run_trl)(args, settings)
@@ -615,7 +605,7 @@ def main() -> None:
     section = markdown(results, settings, args, seconds)
     print(section)
     if args.write_docs:
-        write_section(section)
+        write_section("## PPO", section)
     if any("error" in r for r in results):
         sys.exit(1)
 

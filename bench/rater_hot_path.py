@@ -3,7 +3,7 @@
     .venv/bin/python bench/rater_hot_path.py                    # 20 raters, as deployed
     .venv/bin/python bench/rater_hot_path.py --write-docs       # and update docs/benchmarks.md
 
-Creates a fresh database (dropped afterwards), migrates it with `app.cli.upgrade_database`,
+Creates a fresh database (dropped afterwards), migrates it with `app.core.migrate.upgrade_database`,
 seeds one project (overlap 3, gold rate 0.1) with enough pairs that the queue never runs dry,
 starts `uvicorn app.main:create_app --factory --workers 2` as a subprocess (the worker count of
 `verdict serve --workers 2` in docker-compose.yml, the production layout) and drives it with
@@ -31,7 +31,6 @@ import argparse
 import os
 import platform
 import random
-import re
 import secrets
 import shlex
 import socket
@@ -48,13 +47,14 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
+from sections import DOCS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.cli import upgrade_database  # noqa: E402
 from app.core.config import Settings  # noqa: E402
 from app.core.db import make_engine  # noqa: E402
+from app.core.migrate import upgrade_database  # noqa: E402
 from app.core.security import hash_password  # noqa: E402
 from app.models import ComparisonPair, Prompt, Response, User  # noqa: E402
 from app.services import projects, users  # noqa: E402
@@ -62,7 +62,6 @@ from app.services import projects, users  # noqa: E402
 PG_ADMIN_URL = os.environ.get(
     "VERDICT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Rater hot path"
 
 
@@ -126,6 +125,7 @@ def seed(url: str, pairs: int, raters: int) -> tuple[str, list[str]]:
         session.add_all(rows)
         session.commit()
         tokens = [users.create_token(session, row, "bench").secret for row in rows]
+        session.commit()
     engine.dispose()
     # Fresh planner statistics, as autovacuum would have them on a database in use.
     stats = sa.create_engine(url, isolation_level="AUTOCOMMIT")
@@ -446,13 +446,7 @@ def write_docs(report: str, args: argparse.Namespace) -> None:
             "",
         ]
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.write_text(text.rstrip("\n") + "\n")
+    write_section(SECTION, section)
     print(f"wrote {DOCS.relative_to(ROOT)} ({SECTION})")
 
 

@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sections import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 WORK = ROOT / "var" / "bench" / "reward_model"
 TRL_VENV = ROOT / "var" / "bench-venv-trl"
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Reward model"
 HELD_OUT = 512
 
@@ -307,20 +308,6 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    """Replace this benchmark's own section of docs/benchmarks.md (or append it)."""
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = current.find(SECTION + "\n")
-    if start < 0:
-        new = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        nxt = current.find("\n## ", start + len(SECTION))
-        tail = "" if nxt < 0 else current[nxt:]
-        new = current[:start] + text.rstrip("\n") + "\n" + tail
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 train / 32 held-out pairs")
@@ -376,7 +363,9 @@ def main() -> None:
     if args.quick or args.only != ["full", "last_n", "trl"]:
         print("(--quick or partial run: docs/benchmarks.md left unchanged)", file=sys.stderr)
         return
-    write_docs(report(budget, results, len(train), len(held_out), time.perf_counter() - started))
+    write_section(
+        SECTION, report(budget, results, len(train), len(held_out), time.perf_counter() - started)
+    )
 
 
 def report(

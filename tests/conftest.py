@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +17,11 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.cli import upgrade_database
 from app.core.config import Settings
-from app.core.db import make_engine
+from app.core.db import make_engine, make_sessionmaker
+from app.core.migrate import upgrade_database
 from app.main import create_app
 from app.models import ApiToken, Base, ComparisonPair, Project, Prompt, Response, User
 from app.services import projects, users
@@ -100,7 +102,7 @@ def pg_only_url(pg_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def session(db_url: str) -> Iterator[Session]:
-    s = sessionmaker(bind=engine_for(db_url), expire_on_commit=False)()
+    s = make_sessionmaker(engine_for(db_url))()
     yield s
     s.close()
 
@@ -133,7 +135,8 @@ class Factory:
     """Rows for tests, committed, with readable defaults.
 
     Each method first ends the session's current transaction, so rows the app wrote since the
-    last call are visible and a stale SQLite read snapshot never blocks a write.
+    last call are visible and a stale SQLite read snapshot never blocks a write; then it commits
+    what it made (services never commit: the caller owns the transaction).
     """
 
     _seq = itertools.count(1)
@@ -144,11 +147,15 @@ class Factory:
     def user(self, role: str = "rater", email: str | None = None) -> User:
         self.session.commit()
         email = email or f"{role}{next(self._seq)}@example.com"
-        return users.create_user(self.session, email, TEST_PASSWORD, role)
+        user = users.create_user(self.session, email, TEST_PASSWORD, role)
+        self.session.commit()
+        return user
 
     def token(self, user: User, name: str = "test") -> str:
         self.session.commit()
-        return users.create_token(self.session, user, name).secret
+        secret = users.create_token(self.session, user, name).secret
+        self.session.commit()
+        return secret
 
     def token_row(self, secret: str) -> ApiToken:
         from app.core.security import hash_api_token
@@ -164,7 +171,9 @@ class Factory:
     def project(self, slug: str | None = None, **settings: Any) -> Project:
         self.session.commit()
         slug = slug or f"proj-{next(self._seq)}"
-        return projects.create_project(self.session, slug, slug.title(), settings=settings)
+        project = projects.create_project(self.session, slug, slug.title(), settings=settings)
+        self.session.commit()
+        return project
 
     def pair(
         self,
@@ -199,6 +208,21 @@ class Factory:
 @pytest.fixture
 def factory(session: Session) -> Factory:
     return Factory(session)
+
+
+def run_verdict(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`verdict ARGS` as a user runs it: a fresh `python -m app.cli` process."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -14,9 +14,8 @@ from celery.signals import worker_process_init
 from kombu import Queue
 
 from app.core.config import Settings, get_settings
+from app.kinds.queues import DEFAULT_QUEUE, GPU_QUEUE
 from app.services.dispatch import (
-    DEFAULT_QUEUE,
-    GPU_QUEUE,
     REAP_TASK,
     RELEASE_LEASES_TASK,
     TRIGGER_REWARD_TASK,

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import unit_of_work
 from app.core.security import same_token
 from app.models import Project, User
 from app.services import permissions, projects, users
@@ -21,15 +22,14 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session: Session = request.app.state.sessionmaker()
-    try:
+    """The request's unit of work: committed when the endpoint returns, rolled back if it
+    raises (`scope="function"`: before the response is sent, so a failed commit is the answer)."""
+    with unit_of_work(request.app.state.sessionmaker) as session:
         yield session
-    finally:
-        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 UNAUTHORIZED = HTTPException(
     status.HTTP_401_UNAUTHORIZED,
@@ -135,9 +135,9 @@ class RaterCall:
 
     @contextmanager
     def open(self) -> Iterator[tuple[Session, User]]:
-        """A session and the authenticated rater; the session is closed on leaving."""
-        session: Session = self.request.app.state.sessionmaker()
-        try:
+        """The call's unit of work and the authenticated rater: committed on leaving the block,
+        rolled back if it raises."""
+        with unit_of_work(self.request.app.state.sessionmaker) as session:
             user = authenticate(self.request, session)
             if not permissions.can_rate(user):
                 raise HTTPException(
@@ -145,8 +145,6 @@ class RaterCall:
                     detail=f"your role ({user.role}) cannot rate comparisons",
                 )
             yield session, user
-        finally:
-            session.close()
 
 
 async def get_rater_call(request: Request) -> RaterCall:

@@ -1,3 +1,5 @@
+"""Imports of preference data (HH-RLHF, TRL) as judged comparisons."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,9 +9,9 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.api.deps import AdminUser, ProjectDep, SessionDep, SettingsDep
 from app.api.prompts import read_body_capped
-from app.services import imports, snapshots
+from app.services import imports
 from app.services.errors import FieldError, InvalidInput
 
 router = APIRouter(prefix="/api/v1/projects/{slug}", tags=["preference data"])
@@ -21,14 +23,6 @@ class ImportOut(BaseModel):
     errors: int
     prompts_created: int
     skipped: list[dict[str, Any]]
-
-
-class SnapshotOut(BaseModel):
-    id: int
-    content_hash: str
-    judgments: int
-    config: dict[str, Any]
-    stats: dict[str, Any]
 
 
 IMPORT_DOC: dict[str, Any] = {
@@ -88,35 +82,3 @@ async def import_preferences(
         actor_id=user.id,
     )
     return ImportOut(**result.as_dict())
-
-
-@router.post("/snapshots", status_code=201)
-def create_snapshot(
-    project: ProjectDep,
-    session: SessionDep,
-    user: AdminUser,
-    body: snapshots.SnapshotConfig | None = None,
-) -> SnapshotOut:
-    """Freeze the project's usable judgments into an immutable, hashed dataset snapshot."""
-    snapshot = snapshots.create_snapshot(session, project, body)
-    return SnapshotOut(
-        id=snapshot.id,
-        content_hash=snapshot.content_hash,
-        judgments=len(snapshot.judgment_ids),
-        config=snapshot.config,
-        stats=snapshot.stats,
-    )
-
-
-@router.get("/snapshots")
-def list_snapshots(project: ProjectDep, session: SessionDep, user: DataReader) -> list[SnapshotOut]:
-    return [
-        SnapshotOut(
-            id=s.id,
-            content_hash=s.content_hash,
-            judgments=len(s.judgment_ids),
-            config=s.config,
-            stats=s.stats,
-        )
-        for s in snapshots.list_snapshots(session, project)
-    ]

@@ -1,19 +1,81 @@
+"""Model versions: listing, lineage, promotion and rollback, and the interactive calls that
+run on a model worker (scoring with a reward model, the generation playground)."""
+
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import DataReader, SessionDep, SettingsDep
-from app.services import interactive, registry
+from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.core.config import Settings
+from app.kinds.interactive import SampleRequest, ScoreRequest
+from app.models import ModelVersion, Project, Run, User
+from app.services import interactive, loop, promotion, registry, runs
+from app.services.errors import Conflict
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"])
+router = APIRouter(prefix="/api/v1", tags=["models"])
 
 
-class ScoreIn(interactive.PromptIn):
-    responses: list[str] = Field(min_length=1, max_length=64)
+class VersionRef(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    version: int
+    name: str
+    status: str
+
+
+class ModelVersionOut(VersionRef):
+    base_model: str
+    artifact_path: str | None
+    parent_id: int | None
+    run_id: int | None
+    metrics: dict[str, Any]
+    created_at: datetime
+    promoted_at: datetime | None
+
+
+class RunRef(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    status: str
+    trigger: str
+    parent_run_id: int | None
+
+
+class ModelDetail(ModelVersionOut):
+    project_id: int
+    snapshot_id: int | None
+    reward_model_id: int | None
+    parent: VersionRef | None = None
+    reward_model: VersionRef | None = None
+    run: RunRef | None = None
+    lineage: list[VersionRef] = Field(
+        default_factory=list, description="ancestors, parent first, back to the base policy"
+    )
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=2000)
+    generate: bool = Field(
+        True, description="policies only: queue a generation run by the new active version"
+    )
+
+
+class PromoteOut(BaseModel):
+    model: ModelDetail
+    previous_id: int | None
+    generation_run_id: int | None
 
 
 class ScoreOut(BaseModel):
@@ -21,23 +83,133 @@ class ScoreOut(BaseModel):
     scores: list[float]
 
 
-class GenerateIn(interactive.PromptIn):
-    num_responses: int = Field(1, ge=1, le=8)
-    max_new_tokens: int = Field(128, ge=1, le=2048)
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    seed: int = 0
-
-
 class GenerateOut(BaseModel):
     model_version_id: int
     responses: list[dict[str, Any]]
 
 
-@router.post("/{version_id}/score", responses={503: {"description": "no worker answered in time"}})
+@router.get("/projects/{slug}/models")
+def list_models(
+    project: ProjectDep,
+    session: SessionDep,
+    user: DataReader,
+    settings: SettingsDep,
+    kind: Literal["policy", "reward"] | None = None,
+) -> list[ModelVersionOut]:
+    """The project's model versions; policy version 0 (the base model) always exists."""
+    registry.ensure_base_policy(session, project, settings)
+    versions: list[ModelVersion] = registry.list_versions(session, project, kind)
+    return [ModelVersionOut.model_validate(v) for v in versions]
+
+
+def _detail(session: SessionDep, version: ModelVersion) -> ModelDetail:
+    out = ModelDetail.model_validate(version)
+    if version.parent_id is not None:
+        parent = session.get(ModelVersion, version.parent_id)
+        out.parent = VersionRef.model_validate(parent) if parent else None
+    if version.reward_model_id is not None:
+        reward = session.get(ModelVersion, version.reward_model_id)
+        out.reward_model = VersionRef.model_validate(reward) if reward else None
+    if version.run_id is not None:
+        run = session.get(Run, version.run_id)
+        out.run = RunRef.model_validate(run) if run else None
+    out.lineage = [VersionRef.model_validate(v) for v in promotion.lineage(session, version)]
+    return out
+
+
+@router.get("/models/{version_id}")
+def get_model(version_id: int, session: SessionDep, user: DataReader) -> ModelDetail:
+    """A model version with its lineage (parent chain, run, snapshot, reward model) and metrics
+    (training, evaluation on held-out prompts, the promotion rule's verdict)."""
+    return _detail(session, registry.get_version(session, version_id))
+
+
+def _change(
+    session: SessionDep,
+    settings: SettingsDep,
+    version: ModelVersion,
+    body: PromoteIn,
+    previous: ModelVersion | None,
+) -> PromoteOut:
+    run = None
+    if body.generate and version.kind == "policy":
+        project = session.get(Project, version.project_id)
+        assert project is not None
+        run = loop.after_promotion(session, project, version, settings=settings)
+    return PromoteOut(
+        model=_detail(session, version),
+        previous_id=previous.id if previous else None,
+        generation_run_id=run.id if run else None,
+    )
+
+
+@router.post(
+    "/models/{version_id}/promote",
+    responses={409: {"description": "already active, pending, failed or without weights"}},
+)
+def promote(
+    version_id: int, body: PromoteIn, session: SessionDep, settings: SettingsDep, user: AdminUser
+) -> PromoteOut:
+    """Make a candidate (or an archived version) the active one (admin only). For a policy, the
+    next generation run uses it; with `generate` (default) one is queued now."""
+    version = registry.get_version(session, version_id)
+    previous = promotion.active_version(session, version.project_id, version.kind)
+    promotion.promote(session, version, actor_id=user.id, reason=body.reason)
+    return _change(session, settings, version, body, previous)
+
+
+@router.post(
+    "/models/{version_id}/rollback",
+    responses={409: {"description": "not earlier than the active version, or not usable"}},
+)
+def rollback(
+    version_id: int, body: PromoteIn, session: SessionDep, settings: SettingsDep, user: AdminUser
+) -> PromoteOut:
+    """Go back to an earlier version (admin only); the active one is archived."""
+    version = registry.get_version(session, version_id)
+    previous = promotion.active_version(session, version.project_id, version.kind)
+    promotion.rollback(session, version, actor_id=user.id, reason=body.reason)
+    return _change(session, settings, version, body, previous)
+
+
+def _run_and_wait(
+    session: Session,
+    version: ModelVersion,
+    kind: str,
+    config: dict[str, Any],
+    *,
+    settings: Settings,
+    user: User,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Queue a `score` or `sample` run for `version`, wait for a worker to finish it, and
+    return its result; 503 (the run cancelled) when none does within `timeout_s`."""
+    project = session.get(Project, version.project_id)
+    assert project is not None
+    run = runs.create_run(
+        session, project, kind, {**config, "model_version_id": version.id}, settings=settings,
+        actor_id=user.id, trigger="api",
+    )  # fmt: skip
+    session.commit()  # sends the task; the wait below holds no transaction
+    done = interactive.wait_for_run(session, run.id, timeout_s)
+    if done is None:
+        try:
+            runs.cancel_run(session, run, settings=settings, actor_id=user.id)
+            session.commit()
+        except Conflict:  # it finished just now
+            session.rollback()
+            done = runs.get_run(session, run.id)
+        if done is None:
+            raise interactive.busy(run, timeout_s)
+    return interactive.result_of(done)
+
+
+@router.post(
+    "/models/{version_id}/score", responses={503: {"description": "no worker answered in time"}}
+)
 async def score(
     version_id: int,
-    body: ScoreIn,
+    body: ScoreRequest,
     session: SessionDep,
     settings: SettingsDep,
     user: DataReader,
@@ -48,24 +220,18 @@ async def score(
     The scoring runs on a model worker (the web process never loads a model) as a `score` run."""
     version = registry.get_version(session, version_id)
     result = await run_in_threadpool(
-        interactive.run_interactive,
-        session,
-        version,
-        "score",
-        body.model_dump(),
-        settings=settings,
-        actor_id=user.id,
-        timeout_s=timeout_s,
-    )
+        _run_and_wait, session, version, "score", body.model_dump(), settings=settings,
+        user=user, timeout_s=timeout_s,
+    )  # fmt: skip
     return ScoreOut(**result)
 
 
 @router.post(
-    "/{version_id}/generate", responses={503: {"description": "no worker answered in time"}}
+    "/models/{version_id}/generate", responses={503: {"description": "no worker answered in time"}}
 )
 async def generate(
     version_id: int,
-    body: GenerateIn,
+    body: SampleRequest,
     session: SessionDep,
     settings: SettingsDep,
     user: DataReader,
@@ -74,13 +240,7 @@ async def generate(
     """Answer a prompt with any policy version (a playground), on a model worker."""
     version = registry.get_version(session, version_id)
     result = await run_in_threadpool(
-        interactive.run_interactive,
-        session,
-        version,
-        "sample",
-        body.model_dump(),
-        settings=settings,
-        actor_id=user.id,
-        timeout_s=timeout_s,
-    )
+        _run_and_wait, session, version, "sample", body.model_dump(), settings=settings,
+        user=user, timeout_s=timeout_s,
+    )  # fmt: skip
     return GenerateOut(**result)

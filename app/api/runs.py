@@ -1,30 +1,73 @@
-"""Runs (generation, training) and the model versions they produce."""
+"""Runs: generation and training jobs, launched, listed, followed and cancelled.
+
+The kinds a run can have, and each kind's config schema, come from `app.kinds.RUN_KINDS`: the
+request body of `POST /projects/{slug}/runs` is documented as one schema per launchable kind
+(`RunCreate<Kind>` in OpenAPI), generated from the same knob definitions the services validate
+against.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
-from app.models import ModelVersion, Run
-from app.services import registry, runs
+from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS
+from app.models import Run
+from app.services import runs
 
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
 
 class RunCreate(BaseModel):
-    kind: Literal["generate", "reward", "ppo", "dpo", "evaluate"] = Field(
-        description="what to run; only the implemented kinds are accepted (422 otherwise)"
-    )
+    kind: str = Field(description=f"what to run: one of {', '.join(LAUNCHABLE_KINDS)}")
     config: dict[str, Any] = Field(
         default_factory=dict,
         examples=[{"limit": 20, "max_new_tokens": 96}],
-        description="kind-specific settings; for `generate`: prompt_ids, limit, "
-        "responses_per_prompt, temperature, top_p, max_new_tokens, batch_size, seed",
+        description="the kind's knobs; unset ones take their defaults (see the kind's schema)",
     )
+
+
+def _body_schema(kind: str) -> dict[str, Any]:
+    spec = RUN_KINDS[kind]
+    return {
+        "title": f"RunCreate{spec.config.__name__.removesuffix('RunConfig')}",
+        "type": "object",
+        "required": ["kind"],
+        "properties": {
+            "kind": {"const": kind, "description": f"{spec.title}: {spec.summary}"},
+            "config": {"$ref": f"#/components/schemas/{spec.config.__name__}"},
+        },
+    }
+
+
+def kind_schemas() -> dict[str, dict[str, Any]]:
+    """OpenAPI component schemas of every launchable kind's config (and what they refer to)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in LAUNCHABLE_KINDS:
+        config = RUN_KINDS[kind].config
+        schema = config.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[config.__name__] = schema
+    return out
+
+
+CREATE_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [_body_schema(kind) for kind in LAUNCHABLE_KINDS],
+                    "discriminator": {"propertyName": "kind"},
+                }
+            }
+        },
+    }
+}
 
 
 class RunOut(BaseModel):
@@ -70,28 +113,12 @@ class RunDetail(RunOut):
     latest_metrics: dict[str, float] = Field(default_factory=dict)
 
 
-class ModelVersionOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    kind: str
-    version: int
-    name: str
-    status: str
-    base_model: str
-    artifact_path: str | None
-    parent_id: int | None
-    run_id: int | None
-    metrics: dict[str, Any]
-    created_at: datetime
-    promoted_at: datetime | None
-
-
 @router.post(
     "/projects/{slug}/runs",
     status_code=status.HTTP_201_CREATED,
+    openapi_extra=CREATE_BODY_DOC,
     responses={
-        422: {"description": "unknown or not yet implemented kind, or an invalid config"},
+        422: {"description": "unknown kind, or a config value outside its definition"},
         503: {"description": "the broker could not take the task (the run is marked failed)"},
     },
 )
@@ -104,8 +131,9 @@ def create_run(
 ) -> RunOut:
     """Queue a run. It is stored `queued`, then its task is sent; follow it with GET /runs/{id}."""
     run = runs.create_run(
-        session, project, body.kind, body.config, settings=settings, actor_id=user.id
-    )
+        session, project, body.kind, body.config, settings=settings, actor_id=user.id,
+        launchable_only=True,
+    )  # fmt: skip
     return RunOut.of(run)
 
 
@@ -149,17 +177,3 @@ def cancel_run(run_id: int, session: SessionDep, user: AdminUser, settings: Sett
         session, runs.get_run(session, run_id), settings=settings, actor_id=user.id
     )
     return RunOut.of(run)
-
-
-@router.get("/projects/{slug}/models")
-def list_models(
-    project: ProjectDep,
-    session: SessionDep,
-    user: DataReader,
-    settings: SettingsDep,
-    kind: Literal["policy", "reward"] | None = None,
-) -> list[ModelVersionOut]:
-    """The project's model versions; policy version 0 (the base model) always exists."""
-    registry.ensure_base_policy(session, project, settings)
-    versions: list[ModelVersion] = registry.list_versions(session, project, kind)
-    return [ModelVersionOut.model_validate(v) for v in versions]

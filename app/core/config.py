@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     reward_trigger_interval_s: int = Field(
         60, description="how often projects are checked for enough new judgments to retrain"
     )
+    resend_queued_after_s: int = Field(
+        300,
+        description="a run queued this long while no run of its queue runs lost its message:"
+        " the reaper sends it again",
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

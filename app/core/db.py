@@ -1,12 +1,18 @@
-"""Database engine and sessions (SQLAlchemy 2, synchronous).
+"""Database engine, sessions and the unit of work (SQLAlchemy 2, synchronous).
 
 One engine per process and URL. SQLite gets WAL and a busy timeout so the web process and the
 worker can share the embedded database; PostgreSQL gets a pool sized for a few threads.
+
+The caller owns the transaction: a route (through `SessionDep`), a job or a CLI command opens
+one `unit_of_work` and it commits once at the end; services take the session and never commit.
+What must happen only once the data is durable, such as sending a run's task message, a service
+registers with `after_commit`; the session runs it right after its commit, never after a
+rollback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -64,6 +70,43 @@ def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs: Any) -> En
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+AFTER_COMMIT_KEY = "verdict.after_commit"
+
+
+class AppSession(Session):
+    """A Session that runs the actions registered with `after_commit` once it has committed.
+
+    The actions run in order after the commit returns; an exception from one propagates out of
+    `commit()` (the data is committed; the action failed). A rollback or close drops them.
+    """
+
+    def commit(self) -> None:
+        super().commit()
+        while actions := self.info.pop(AFTER_COMMIT_KEY, None):
+            for action in actions:
+                action()
+
+    def rollback(self) -> None:
+        self.info.pop(AFTER_COMMIT_KEY, None)
+        super().rollback()
+
+    def close(self) -> None:
+        self.info.pop(AFTER_COMMIT_KEY, None)
+        super().close()
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` right after `session`'s next commit (dropped if it rolls back instead)."""
+    if not isinstance(session, AppSession):
+        raise TypeError("after_commit needs an AppSession (see app.core.db.make_sessionmaker)")
+    session.info.setdefault(AFTER_COMMIT_KEY, []).append(action)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """The app's session factory for `engine`: `AppSession`s that keep loaded values on commit."""
+    return sessionmaker(bind=engine, class_=AppSession, expire_on_commit=False)
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
     return make_engine(url or get_settings().database_url)
@@ -71,7 +114,7 @@ def get_engine(url: str | None = None) -> Engine:
 
 @lru_cache(maxsize=8)
 def _sessionmaker(url: str | None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    return make_sessionmaker(get_engine(url))
 
 
 def new_session(url: str | None = None) -> Session:
@@ -79,9 +122,15 @@ def new_session(url: str | None = None) -> Session:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = new_session(url)
+def unit_of_work(
+    source: str | sessionmaker[Session] | None = None,
+) -> Iterator[Session]:
+    """One transaction owned by the caller: commit on success, roll back on error, then close.
+
+    `source` is a database URL (default: the configured one) or a session factory. The
+    `after_commit` actions registered during the block run after its commit.
+    """
+    session = source() if isinstance(source, sessionmaker) else new_session(source)
     try:
         yield session
         session.commit()

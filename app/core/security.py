@@ -31,7 +31,17 @@ def password_needs_rehash(password_hash: str) -> bool:
 
 
 # A hash to verify against when the email is unknown, so both paths cost one Argon2 verify.
-DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+# Made on first use (module `__getattr__`), not at import: one Argon2 hash costs 100-250 ms,
+# which every process importing this module, each CLI command included, would pay up front.
+DUMMY_PASSWORD_HASH: str
+
+
+def __getattr__(name: str) -> str:
+    if name == "DUMMY_PASSWORD_HASH":
+        value = hash_password(secrets.token_urlsafe(16))
+        globals()[name] = value  # later lookups find it without calling this again
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def new_api_token() -> str:

@@ -329,6 +329,9 @@ def next_assignment(
     wait = False
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
+        # Each try in a savepoint: a candidate that filled up meanwhile is let go (rolling back
+        # to the savepoint releases its row lock) before the next one is locked.
+        attempt = session.begin_nested()
         try:
             if project_id is None or settings is None:
                 row = (
@@ -348,7 +351,7 @@ def next_assignment(
                 _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}
             )
             if current is not None:
-                session.commit()
+                attempt.commit()
                 return _get_with_content(session, current)
             pair = None
             # The kind drawn first, then the other, so "nothing left" means nothing at all.
@@ -359,13 +362,12 @@ def next_assignment(
                 if pair is not None:
                     break
             if pair is None:
+                attempt.commit()
                 if postgres and not wait:
                     # Every open pair may just be locked by other raters: look again, waiting
-                    # this time, in a fresh transaction (dropping any locks SKIP LOCKED took).
-                    session.rollback()
+                    # this time (SKIP LOCKED found nothing, so it holds no pair lock).
                     wait = True
                     continue
-                session.commit()
                 return None
             shown_left = rng.choice(("a", "b"))
             expires_at = now + timedelta(seconds=settings.lease_ttl_s)
@@ -395,18 +397,18 @@ def next_assignment(
             make_transient_to_detached(assignment)  # the row as inserted, now in the session
             session.add(assignment)
             set_committed_value(assignment, "pair", pair)  # loaded already, with its content
-            session.commit()
+            attempt.commit()
             return assignment
         except _Full as full:
-            session.rollback()
+            attempt.rollback()
             excluded.add(full.pair_id)
         except IntegrityError as exc:
             # Unreachable while _LOCK_RATER serializes the rater's calls; kept as a clear
             # answer rather than a 500 if that ever changes.
-            session.rollback()
+            attempt.rollback()
             raise Conflict("another request is assigning you work right now; try again") from exc
         except BaseException:
-            session.rollback()
+            attempt.rollback()
             raise
     # Every try found its pair filled meanwhile: heavy contention at the end of the queue.
     raise Conflict("the queue is busy right now; try again in a moment")
@@ -440,18 +442,14 @@ def skip_assignment(
         raise InvalidInput("say why you skip this comparison (a short reason)")
     if len(reason) > MAX_SKIP_REASON_CHARS:
         raise InvalidInput(f"the skip reason is longer than {MAX_SKIP_REASON_CHARS} characters")
-    try:
-        assignment = get_own_assignment(session, assignment_id, rater, for_update=True)
-        if assignment.status == "submitted":
-            raise Conflict("this comparison is already judged; it cannot be skipped")
-        if assignment.status != "skipped":
-            assignment.status = "skipped"
-            assignment.skip_reason = reason
-            assignment.completed_at = now
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    assignment = get_own_assignment(session, assignment_id, rater, for_update=True)
+    if assignment.status == "submitted":
+        raise Conflict("this comparison is already judged; it cannot be skipped")
+    if assignment.status != "skipped":
+        assignment.status = "skipped"
+        assignment.skip_reason = reason
+        assignment.completed_at = now
+        session.flush()
     return assignment
 
 
@@ -468,17 +466,12 @@ def release_expired_leases(session: Session, *, now: datetime | None = None) -> 
         .where(Assignment.status == "leased", Assignment.expires_at <= now)
         .with_for_update(skip_locked=True)
     )
-    try:
-        result = session.execute(
-            update(Assignment)
-            .where(Assignment.id.in_(stale.scalar_subquery()))
-            .values(status="expired")
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    result = session.execute(
+        update(Assignment)
+        .where(Assignment.id.in_(stale.scalar_subquery()))
+        .values(status="expired")
+        .execution_options(synchronize_session=False)
+    )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
@@ -518,5 +511,4 @@ def rater_counts(
             is_live(now),
         )
     )
-    session.commit()  # end the read transaction (on SQLite it holds the write lock)
     return RaterCounts(done_today=done_today or 0, left=(untouched or 0) + (holding or 0))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from sqlalchemy.engine import make_url
+if TYPE_CHECKING:
+    from celery import Celery
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +22,12 @@ REAP_TASK = "verdict.reap_stale_runs"
 RELEASE_LEASES_TASK = "verdict.release_expired_leases"
 TRIGGER_REWARD_TASK = "verdict.trigger_reward_runs"
 
-GPU_QUEUE = "gpu"
-DEFAULT_QUEUE = "default"
-
 
 def prepare_broker(broker_url: str) -> None:
     """Create the directory of a SQLite broker file (SQLite creates the file, not its folder)."""
     if broker_url.startswith("sqla+sqlite:///"):
+        from sqlalchemy.engine import make_url
+
         database = make_url(broker_url.removeprefix("sqla+")).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +45,11 @@ def broker_options(broker_url: str) -> dict[str, Any]:
 @lru_cache(maxsize=8)
 def producer(broker_url: str) -> Celery:
     """A Celery app that only sends messages (no task code, no result backend)."""
+    # Imported here, not at the top (nor is SQLAlchemy's `make_url` above): celery and kombu
+    # take ~0.1 s to import, and many importers of this module never send anything
+    # (`verdict --help` and most CLI commands only want the queue names).
+    from celery import Celery
+
     prepare_broker(broker_url)
     app = Celery("verdict-dispatch", broker=broker_url, set_as_current=False)
     app.conf.update(

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.kinds.evaluate import EvaluateRunConfig
 from app.models import ModelVersion, Project, Prompt
-from app.services import registry, runs
+from app.services import registry
 from app.services.errors import Conflict, FieldError, InvalidInput
 from app.services.projects import ProjectSettings, project_settings
 from app.services.prompts import prompt_messages
@@ -28,6 +27,8 @@ from app.services.prompts import prompt_messages
 logger = logging.getLogger(__name__)
 
 MAX_IDS_IN_SQL = 500
+# Evaluation answers are cut here even when the project lets raters see longer ones.
+MAX_EVAL_NEW_TOKENS = 256
 
 
 # --- held-out prompts --------------------------------------------------------------------------
@@ -96,31 +97,6 @@ def promotion_rule(settings: ProjectSettings, metrics: dict[str, Any]) -> tuple[
 # --- the evaluate run --------------------------------------------------------------------------
 
 
-class EvaluateRunConfig(BaseModel):
-    """The `config` of an `evaluate` run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model_version_id: int = Field(description="the candidate policy version")
-    reward_model_id: int | None = Field(
-        None, description="reward model (default: the one the candidate was trained against, "
-        "else the project's active one)",
-    )  # fmt: skip
-    max_prompts: int = Field(32, ge=1, le=10_000, description="held-out prompts evaluated")
-    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="default: the project's")
-    temperature: float = Field(0.7, gt=0.0, le=2.0)
-    batch_size: int = Field(8, ge=1, le=512)
-    num_samples: int = Field(8, ge=0, le=64, description="sample responses kept")
-    seed: int = 0
-
-
-def _field_errors(exc: ValidationError) -> list[FieldError]:
-    return [
-        FieldError(None, "config." + ".".join(str(p) for p in e["loc"]), e["msg"])
-        for e in exc.errors()
-    ]
-
-
 def reward_model_for(
     session: Session, project: Project, candidate: ModelVersion, reward_model_id: int | None
 ) -> ModelVersion | None:
@@ -147,14 +123,11 @@ def reward_model_for(
 
 
 def validate_evaluate_config(
-    session: Session, project: Project, config: dict[str, Any]
-) -> dict[str, Any]:
-    """Check an `evaluate` run's config (422 with field errors) and return it normalised."""
-    try:
-        parsed = EvaluateRunConfig.model_validate(config)
-    except ValidationError as exc:
-        raise InvalidInput("invalid evaluate config", _field_errors(exc)) from exc
-    version = registry.get_version(session, parsed.model_version_id)
+    session: Session, project: Project, config: EvaluateRunConfig
+) -> EvaluateRunConfig:
+    """Check that an `evaluate` run's candidate is a trained policy of the project with a parent,
+    and that a reward model can judge it; an unset `max_new_tokens` takes the project's."""
+    version = registry.get_version(session, config.model_version_id)
     if version.kind != "policy" or version.project_id != project.id:
         raise InvalidInput(
             f"model version {version.id} is not a policy of project {project.slug}",
@@ -167,76 +140,38 @@ def validate_evaluate_config(
         )
     if version.status in ("pending", "failed"):
         raise Conflict(f"policy version {version.id} is {version.status}; nothing to evaluate")
-    if reward_model_for(session, project, version, parsed.reward_model_id) is None:
+    if reward_model_for(session, project, version, config.reward_model_id) is None:
         raise InvalidInput(
             "the project has no active reward model to evaluate with; train one first",
             [FieldError(None, "config.reward_model_id", "no reward model")],
         )
-    return parsed.model_dump()
+    if "max_new_tokens" not in config.model_fields_set:
+        ps = project_settings(project)
+        config = config.model_copy(
+            update={"max_new_tokens": min(ps.max_new_tokens, MAX_EVAL_NEW_TOKENS)}
+        )
+    return config
 
 
-def execute_evaluate_run(ctx: runs.RunContext) -> dict[str, Any]:
-    """The `evaluate` run handler: candidate vs parent on held-out prompts, under the reward
-    model; the numbers go into the candidate's metrics, then the closed loop decides."""
-    from app.ml import loading
-    from app.ml.evaluation import evaluate_policy
-    from app.services import loop
-
-    session, settings = ctx.session, ctx.settings
-    config = EvaluateRunConfig.model_validate(ctx.config)
-    project = session.get(Project, ctx.project_id)
-    assert project is not None
+def heldout_for(
+    session: Session, project: Project, candidate: ModelVersion, max_prompts: int
+) -> list[int]:
+    """The held-out prompt ids a candidate is evaluated on: the split it was trained under
+    (recorded on it), else the project's current one; at most `max_prompts`."""
     ps = project_settings(project)
-    candidate = registry.get_version(session, config.model_version_id)
-    assert candidate.parent_id is not None and candidate.artifact_path
-    parent = registry.get_version(session, candidate.parent_id)
-    reward = reward_model_for(session, project, candidate, config.reward_model_id)
-    if reward is None or not reward.artifact_path:
-        raise Conflict("no reward model to evaluate with")
-    # The split the candidate was trained under (recorded on it), else the project's current one.
     heldout = dict((candidate.metrics or {}).get("heldout") or {})
     fraction = float(heldout.get("fraction", ps.heldout_fraction))
     seed = int(heldout.get("seed", ps.heldout_seed))
     _, heldout_ids = project_prompt_split(session, project, fraction, seed)
-    heldout_ids = heldout_ids[: config.max_prompts]
-    prompts = load_prompt_messages(session, heldout_ids)
-    parent_spec = registry.model_spec(parent)
-    reward_dir, candidate_dir = reward.artifact_path, candidate.artifact_path
-    session.commit()  # no transaction may stay open while models load and sample
-    if not prompts:
-        raise InvalidInput("the project has no held-out prompts to evaluate on")
+    return heldout_ids[:max_prompts]
 
-    artifacts = Path(settings.artifacts_dir)
-    parent_dir = loading.resolve_model_dir(
-        parent_spec, artifacts, allow_hub=settings.allow_hub_downloads
-    )
-    ctx.log(
-        f"evaluating policy v{candidate.version} against v{parent.version} on {len(prompts)}"
-        f" held-out prompts under reward model v{reward.version}"
-    )
-    result = evaluate_policy(
-        candidate_dir,
-        parent_dir,
-        reward_dir,
-        prompts,
-        max_new_tokens=config.max_new_tokens or min(ps.max_new_tokens, 256),
-        temperature=config.temperature,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        num_samples=config.num_samples,
-        device=str(loading.pick_device()),
-        hooks=ctx.hooks,
-    )
-    samples = result.pop("samples")
-    evaluation = {
-        **{k: float(v) for k, v in result.items()},
-        "reward_model_id": reward.id,
-        "parent_id": parent.id,
-        "run_id": ctx.run_id,
-        "heldout_prompt_ids": heldout_ids,
-    }
-    passed, why = promotion_rule(ps, evaluation)
-    session.refresh(candidate)
+
+def record_evaluation(
+    project: Project, candidate: ModelVersion, evaluation: dict[str, Any], samples: Any
+) -> tuple[bool, str]:
+    """Put an evaluation's figures into the candidate's metrics, with the verdict of the
+    project's promotion rule; returns (passed, why)."""
+    passed, why = promotion_rule(project_settings(project), evaluation)
     candidate.metrics = {
         **(candidate.metrics or {}),
         "score_gain": evaluation["score_gain"],
@@ -245,14 +180,4 @@ def execute_evaluate_run(ctx: runs.RunContext) -> dict[str, Any]:
         "evaluation": {**evaluation, "samples": samples},
         "promotion_rule": {"passed": passed, "reason": why},
     }
-    session.commit()
-    ctx.log(f"policy v{candidate.version}: {why} -> rule {'passed' if passed else 'not passed'}")
-    step = loop.after_evaluation(ctx, candidate, passed)
-    return {
-        "model_version_id": candidate.id,
-        "evaluation": evaluation,
-        "samples": samples,
-        "rule_passed": passed,
-        "rule": why,
-        **step,
-    }
+    return passed, why

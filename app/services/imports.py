@@ -360,5 +360,4 @@ def store_preferences(
         duplicates=result.duplicates,
         skipped=len(result.skipped),
     )
-    session.commit()
     return result

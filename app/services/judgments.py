@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Integer, Table, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Integer, Table, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -193,7 +193,17 @@ _COUNT_JUDGMENT = (
 # are then told what the rows hold (no flush): the unit of work cost more CPU than the two
 # statements it sends.
 _JUDGMENTS = cast(Table, Judgment.__table__)
-_INSERT_JUDGMENT = insert(_JUDGMENTS).returning(_JUDGMENTS.c.id)
+# ON CONFLICT DO NOTHING: a judgment of this (pair, rater) that arrived by another way (an import
+# carrying the rater's id) makes the insert return no id instead of aborting the transaction.
+_INSERT_JUDGMENT = {
+    "postgresql": postgresql.insert(_JUDGMENTS).on_conflict_do_nothing().returning(_JUDGMENTS.c.id),
+    "sqlite": sqlite.insert(_JUDGMENTS).on_conflict_do_nothing().returning(_JUDGMENTS.c.id),
+}
+_UNCOUNT_JUDGMENT = (
+    update(_PAIRS)
+    .where(_PAIRS.c.id == bindparam("pair_id", type_=Integer))
+    .values(judgment_count=_PAIRS.c.judgment_count - 1)
+)
 _ASSIGNMENTS = cast(Table, Assignment.__table__)
 _MARK_SUBMITTED = (
     update(_ASSIGNMENTS)
@@ -240,72 +250,66 @@ def submit(
     `required_judgments`; gold pairs always); otherwise Conflict.
     """
     now = now or utcnow()
-    try:
-        assignment, settings = _lock_own_assignment(session, assignment_id, rater)
-        clean = validate(data, settings)
-        if assignment.status == "submitted":
-            # Only a submit stores a judgment with an assignment, and it marks the assignment
-            # submitted in the same transaction. Read by a new statement: if the lock above
-            # waited for that submit, the locking statement's snapshot predates its judgment.
-            existing = _existing(session, assignment.id)
-            if existing is not None:
-                judgment = _replay(existing, clean)
-                session.commit()
-                return judgment
-        if assignment.status == "skipped":
-            raise Conflict("you skipped this comparison; a skipped comparison cannot be judged")
-        live = assignment.status == "leased" and assignment.expires_at > now
-        if not live:
-            # The lease no longer holds a place: lock the pair, then count in a new statement.
-            pair = session.scalars(
-                select(ComparisonPair)
-                .where(ComparisonPair.id == assignment.pair_id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            ).one()
-            if pair.gold_choice is None:
-                _check_room_for_late_submit(session, assignment, pair, now)
-        # A live lease already counts in the pair's total; judging turns it into a judgment.
-        gold_choice = _count_judgment(session, assignment.pair_id)
-        time_on_task_ms = max(0, int((now - assignment.leased_at).total_seconds() * 1000))
-        row = {
-            "project_id": assignment.project_id,
-            "pair_id": assignment.pair_id,
-            "rater_id": rater.id,
-            "assignment_id": assignment.id,
-            "choice": clean.choice,
-            "strength": clean.strength,
-            "aspects": dict(clean.aspects),
-            "rationale": clean.rationale,
-            "flags": list(clean.flags),
-            "shown_left": assignment.shown_left,
-            "time_on_task_ms": time_on_task_ms,
-            # The page can only be active while the rater held it.
-            "active_ms": None if clean.active_ms is None else min(clean.active_ms, time_on_task_ms),
-            "gold_correct": None if gold_choice is None else clean.choice == gold_choice,
-            "source": "rater",
-            "extra": {},
-            "created_at": now,
-        }
-        judgment = Judgment(id=session.execute(_INSERT_JUDGMENT, row).scalar_one(), **row)
-        make_transient_to_detached(judgment)  # as if loaded: in the session, nothing to flush
-        session.add(judgment)
-        session.execute(_MARK_SUBMITTED, {"assignment_id": assignment.id, "now": now})
-        set_committed_value(assignment, "status", "submitted")
-        set_committed_value(assignment, "completed_at", now)
-        session.commit()
-    except IntegrityError as exc:
-        # Only reachable if a judgment for this (pair, rater) arrived by another way (an
-        # import carrying the rater's id): the unique constraints keep the table right.
-        session.rollback()
+    assignment, settings = _lock_own_assignment(session, assignment_id, rater)
+    clean = validate(data, settings)
+    if assignment.status == "submitted":
+        # Only a submit stores a judgment with an assignment, and it marks the assignment
+        # submitted in the same transaction. Read by a new statement: if the lock above
+        # waited for that submit, the locking statement's snapshot predates its judgment.
+        existing = _existing(session, assignment.id)
+        if existing is not None:
+            return _replay(existing, clean)
+    if assignment.status == "skipped":
+        raise Conflict("you skipped this comparison; a skipped comparison cannot be judged")
+    live = assignment.status == "leased" and assignment.expires_at > now
+    if not live:
+        # The lease no longer holds a place: lock the pair, then count in a new statement.
+        pair = session.scalars(
+            select(ComparisonPair)
+            .where(ComparisonPair.id == assignment.pair_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        if pair.gold_choice is None:
+            _check_room_for_late_submit(session, assignment, pair, now)
+    # A live lease already counts in the pair's total; judging turns it into a judgment.
+    gold_choice = _count_judgment(session, assignment.pair_id)
+    time_on_task_ms = max(0, int((now - assignment.leased_at).total_seconds() * 1000))
+    row = {
+        "project_id": assignment.project_id,
+        "pair_id": assignment.pair_id,
+        "rater_id": rater.id,
+        "assignment_id": assignment.id,
+        "choice": clean.choice,
+        "strength": clean.strength,
+        "aspects": dict(clean.aspects),
+        "rationale": clean.rationale,
+        "flags": list(clean.flags),
+        "shown_left": assignment.shown_left,
+        "time_on_task_ms": time_on_task_ms,
+        # The page can only be active while the rater held it.
+        "active_ms": None if clean.active_ms is None else min(clean.active_ms, time_on_task_ms),
+        "gold_correct": None if gold_choice is None else clean.choice == gold_choice,
+        "source": "rater",
+        "extra": {},
+        "created_at": now,
+    }
+    insert = _INSERT_JUDGMENT[session.get_bind().dialect.name]
+    judgment_id = session.execute(insert, row).scalar()
+    if judgment_id is None:
+        # Only reachable if a judgment for this (pair, rater) arrived by another way (an import
+        # carrying the rater's id): the unique constraints keep the table right.
+        session.execute(_UNCOUNT_JUDGMENT, {"pair_id": assignment.pair_id})
         existing = _existing(session, assignment_id)
-        session.commit()
         if existing is not None:
             return _replay(existing, data)
-        raise Conflict("you have already judged this comparison") from exc
-    except BaseException:
-        session.rollback()
-        raise
+        raise Conflict("you have already judged this comparison")
+    judgment = Judgment(id=judgment_id, **row)
+    make_transient_to_detached(judgment)  # as if loaded: in the session, nothing to flush
+    session.add(judgment)
+    session.execute(_MARK_SUBMITTED, {"assignment_id": assignment.id, "now": now})
+    set_committed_value(assignment, "status", "submitted")
+    set_committed_value(assignment, "completed_at", now)
     return judgment
 
 
@@ -339,32 +343,28 @@ def set_gold(
             "invalid gold answer",
             [FieldError(None, "choice", f"must be one of {', '.join(CHOICES)}, or null")],
         )
-    try:
-        pair = session.scalars(
-            select(ComparisonPair)
-            .where(ComparisonPair.id == pair_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).one_or_none()
-        if pair is None:
-            raise NotFound(f"pair {pair_id} not found")
-        pair.gold_choice = choice
-        session.execute(
-            update(Judgment)
-            .where(Judgment.pair_id == pair.id)
-            .values(gold_correct=None if choice is None else Judgment.choice == choice)
-            .execution_options(synchronize_session=False)
-        )
-        audit.record(
-            session,
-            "pair.gold",
-            actor_id=actor_id,
-            project_id=pair.project_id,
-            target=("pair", pair.id),
-            choice=choice,
-        )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    pair = session.scalars(
+        select(ComparisonPair)
+        .where(ComparisonPair.id == pair_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if pair is None:
+        raise NotFound(f"pair {pair_id} not found")
+    pair.gold_choice = choice
+    session.flush()
+    session.execute(
+        update(Judgment)
+        .where(Judgment.pair_id == pair.id)
+        .values(gold_correct=None if choice is None else Judgment.choice == choice)
+        .execution_options(synchronize_session=False)
+    )
+    audit.record(
+        session,
+        "pair.gold",
+        actor_id=actor_id,
+        project_id=pair.project_id,
+        target=("pair", pair.id),
+        choice=choice,
+    )
     return pair

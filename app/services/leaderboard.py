@@ -188,7 +188,6 @@ def project_leaderboard(
         v.id: v
         for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids or [0])))
     }
-    session.commit()
     table = standings(games, versions, bootstrap=bootstrap, seed=seed)
     return {
         "games": len(games),

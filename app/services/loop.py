@@ -4,20 +4,21 @@
     ppo / dpo run ──► evaluate run ──(auto_mode, score gain ≥ X and KL ≤ Y)──► promotion
     promotion ──(auto_mode, or an admin asking for it)──► generate run by the new active policy
 
-Each arrow is called by the run that finished its work, at the end of its handler, so every step
-is a run of its own with status, trigger `auto` and `parent_run_id` pointing at the run that
-caused it. A step that cannot start (no reward model, an invalid `loop_*_config`, a broker
-failure) is written to the calling run's log and result; it never fails the run whose work is
-already done. The new reward judgments that start the next round are counted by the periodic
-reward trigger (`reward_runs.trigger_all_projects`).
+Each arrow is called by the job that finished its work, at its end, so every step is a run of
+its own with status, trigger `auto` and `parent_run_id` pointing at the run that caused it. A
+step that cannot start (no reward model, an invalid `loop_*_config`, a broker failure) is
+written to the calling run's log and result; it never fails the run whose work is already done.
+The caller commits; the new run's message is sent then. The new reward judgments that start the
+next round are counted by the periodic reward trigger (`reward_runs.trigger_all_projects`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -28,13 +29,7 @@ from app.services.projects import project_settings
 
 logger = logging.getLogger(__name__)
 
-
-def _link(session: Session, run: Run, parent_run_id: int | None) -> None:
-    # Lineage only: written after the enqueue, which `create_run` owns; no one else writes it.
-    if parent_run_id is not None:
-        session.execute(update(Run).where(Run.id == run.id).values(parent_run_id=parent_run_id))
-        session.commit()
-        run.parent_run_id = parent_run_id
+Log = Callable[[str], None]
 
 
 def _queue(
@@ -45,105 +40,114 @@ def _queue(
     *,
     settings: Settings,
     parent_run_id: int | None,
-    log: Any,
+    log: Log,
     idle_only: bool,
 ) -> Run | None:
+    create = runs.create_run_if_idle if idle_only else runs.create_run
     try:
-        create = runs.create_run_if_idle if idle_only else runs.create_run
-        run = create(session, project, kind, config, settings=settings, trigger="auto")
+        with session.begin_nested():  # a refused step leaves the caller's work in place
+            run = create(
+                session, project, kind, config, settings=settings, trigger="auto",
+                parent_run_id=parent_run_id, broker_errors_fail_commit=False,
+            )  # fmt: skip
     except ServiceError as exc:
-        session.rollback()
         log(f"closed loop: could not queue a {kind} run: {exc.message}")
         return None
     if run is None:
         log(f"closed loop: a {kind} run is already queued or running; none added")
         return None
-    _link(session, run, parent_run_id)
     log(f"closed loop: queued {kind} run {run.id}")
     return run
 
 
-def after_reward_run(ctx: runs.RunContext, version: ModelVersion) -> Run | None:
+def after_reward_run(
+    session: Session,
+    project: Project,
+    version: ModelVersion,
+    run_id: int,
+    log: Log,
+    *,
+    settings: Settings,
+) -> Run | None:
     """After a reward run: in auto mode, start PPO against the new reward model when it is
     active and its validation accuracy reached the project's minimum. Returns the PPO run."""
-    session = ctx.session
-    project = session.get(Project, ctx.project_id)
-    assert project is not None
     ps = project_settings(project)
-    session.refresh(version)
     accuracy = (version.metrics or {}).get("best_val_accuracy")
-    session.commit()
     if not ps.auto_mode:
         return None
     if version.status != "active":
-        ctx.log(f"closed loop: reward model v{version.version} is not active; no PPO run")
+        log(f"closed loop: reward model v{version.version} is not active; no PPO run")
         return None
     if accuracy is None or float(accuracy) < ps.min_reward_accuracy:
-        ctx.log(
+        log(
             f"closed loop: validation accuracy {accuracy} is below the project minimum"
             f" {ps.min_reward_accuracy:g} (or was not measured); no PPO run"
         )
         return None
     config = {**ps.loop_ppo_config, "reward_model_id": version.id}
     return _queue(
-        session, project, "ppo", config, settings=ctx.settings, parent_run_id=ctx.run_id,
-        log=ctx.log, idle_only=True,
+        session, project, "ppo", config, settings=settings, parent_run_id=run_id, log=log,
+        idle_only=True,
     )  # fmt: skip
 
 
 def after_policy_run(
-    ctx: runs.RunContext, candidate: ModelVersion, reward_model_id: int | None
+    session: Session,
+    project: Project,
+    candidate: ModelVersion,
+    reward_model_id: int | None,
+    run_id: int,
+    log: Log,
+    *,
+    settings: Settings,
 ) -> Run | None:
     """After a PPO or DPO run: queue the evaluation of its candidate (every candidate is
     evaluated, whatever the mode; promotion is what auto mode decides). Returns that run."""
-    session = ctx.session
-    project = session.get(Project, ctx.project_id)
-    assert project is not None
     existing = session.scalar(
-        select(Run).where(Run.parent_run_id == ctx.run_id, Run.kind == "evaluate").limit(1)
+        select(Run).where(Run.parent_run_id == run_id, Run.kind == "evaluate").limit(1)
     )
-    ps = project_settings(project)
-    session.commit()
     if existing is not None:  # a resumed run that had already queued it
         return existing
-    config = {**ps.loop_evaluate_config, "model_version_id": candidate.id}
+    config = {**project_settings(project).loop_evaluate_config, "model_version_id": candidate.id}
     if reward_model_id is not None:
         config["reward_model_id"] = reward_model_id
     return _queue(
-        session, project, "evaluate", config, settings=ctx.settings, parent_run_id=ctx.run_id,
-        log=ctx.log, idle_only=False,
+        session, project, "evaluate", config, settings=settings, parent_run_id=run_id, log=log,
+        idle_only=False,
     )  # fmt: skip
 
 
 def after_evaluation(
-    ctx: runs.RunContext, candidate: ModelVersion, rule_passed: bool
+    session: Session,
+    project: Project,
+    candidate: ModelVersion,
+    rule_passed: bool,
+    run_id: int,
+    log: Log,
+    *,
+    settings: Settings,
 ) -> dict[str, Any]:
     """After an evaluation: in auto mode, promote a candidate that passed the rule and let the
     new active policy generate the next round. Returns what happened, for the run's result."""
-    session = ctx.session
-    project = session.get(Project, ctx.project_id)
-    assert project is not None
-    ps = project_settings(project)
-    session.commit()
     outcome: dict[str, Any] = {"promoted": False, "generation_run_id": None}
-    if not ps.auto_mode:
+    if not project_settings(project).auto_mode:
         return outcome
     if not rule_passed:
-        ctx.log(f"closed loop: policy v{candidate.version} stays a candidate")
+        log(f"closed loop: policy v{candidate.version} stays a candidate")
         return outcome
     try:
-        promotion.promote(
-            session, candidate, actor_id=None, reason=f"rule passed in run {ctx.run_id}",
-            trigger="auto",
-        )  # fmt: skip
+        with session.begin_nested():
+            promotion.promote(
+                session, candidate, actor_id=None, reason=f"rule passed in run {run_id}",
+                trigger="auto",
+            )  # fmt: skip
     except ServiceError as exc:
-        session.rollback()
-        ctx.log(f"closed loop: promotion of policy v{candidate.version} refused: {exc.message}")
+        log(f"closed loop: promotion of policy v{candidate.version} refused: {exc.message}")
         return outcome
-    ctx.log(f"closed loop: promoted policy v{candidate.version}")
+    log(f"closed loop: promoted policy v{candidate.version}")
     outcome["promoted"] = True
     run = after_promotion(
-        session, project, candidate, settings=ctx.settings, parent_run_id=ctx.run_id, log=ctx.log
+        session, project, candidate, settings=settings, parent_run_id=run_id, log=log
     )
     outcome["generation_run_id"] = run.id if run is not None else None
     return outcome
@@ -156,7 +160,7 @@ def after_promotion(
     *,
     settings: Settings,
     parent_run_id: int | None = None,
-    log: Any = None,
+    log: Log | None = None,
 ) -> Run | None:
     """Queue a generation run so the newly active policy answers the next round of prompts.
 
@@ -165,7 +169,6 @@ def after_promotion(
     if version.kind != "policy":
         return None
     config = dict(project_settings(project).loop_generation_config)
-    session.commit()
     return _queue(
         session, project, "generate", config, settings=settings, parent_run_id=parent_run_id,
         log=log or (lambda message: logger.info("project %s: %s", project.slug, message)),

@@ -104,11 +104,10 @@ def create_project(
         settings=validated.model_dump(),
         created_by_id=actor_id,
     )
-    session.add(project)
     try:
-        session.flush()
+        with session.begin_nested():
+            session.add(project)
     except IntegrityError as exc:
-        session.rollback()
         raise Conflict(f"a project with slug {slug!r} already exists") from exc
     audit.record(
         session,
@@ -117,7 +116,6 @@ def create_project(
         project_id=project.id,
         target=("project", project.id),
     )
-    session.commit()
     return project
 
 
@@ -159,5 +157,5 @@ def update_project(
         target=("project", project.id),
         changed=sorted((settings or {}).keys()),
     )
-    session.commit()
+    session.flush()
     return project

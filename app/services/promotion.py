@@ -36,7 +36,6 @@ def active_version(session: Session, project_id: int, kind: str) -> ModelVersion
 def _lock_project(session: Session, project_id: int) -> None:
     # Two promotions at once must not both leave a version active: serialise them on the project
     # row (PostgreSQL); on SQLite every transaction of the app already holds the write lock.
-    session.commit()
     if session.get_bind().dialect.name != "sqlite":
         session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
 
@@ -61,7 +60,7 @@ def promote(
     reason: str = "",
     trigger: str = "admin",
 ) -> ModelVersion:
-    """Make `version` the active one of its kind (the previous one is archived) and commit.
+    """Make `version` the active one of its kind (the previous one is archived).
 
     409 when it is already active, pending, failed, or has no weights. `trigger` is `admin` or
     `auto` (the closed loop); the audit event records it with the version replaced."""

@@ -460,18 +460,19 @@ def store_prompts(
     source: str,
     actor_id: int | None = None,
 ) -> UploadResult:
-    """Store validated prompts (and their responses and pairs) in one transaction.
+    """Add validated prompts (and their responses and pairs), all or nothing.
 
     A record whose `external_id` already exists in the project counts as a duplicate and is
     skipped, so re-sending a file is harmless. If a concurrent upload inserts the same
-    external_id first, the whole transaction is retried once and then sees it as a duplicate.
+    external_id first, the insert is retried once (in a savepoint) and then sees it as a
+    duplicate.
     """
     records = list(records)
     for attempt in range(2):
         try:
-            return _store_once(session, project, records, source, actor_id)
+            with session.begin_nested():
+                return _store_once(session, project, records, source, actor_id)
         except IntegrityError:
-            session.rollback()
             if attempt == 1:
                 raise
     raise AssertionError("unreachable")
@@ -549,7 +550,6 @@ def _store_once(
         source=source,
         counts=result.as_dict(),
     )
-    session.commit()
     return result
 
 

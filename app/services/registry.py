@@ -70,7 +70,6 @@ def ensure_base_policy(session: Session, project: Project, settings: Settings) -
         if found is None:
             raise
         return found
-    session.commit()
     return row
 
 
@@ -129,7 +128,7 @@ def create_version(
     status: str = "candidate",
     name: str | None = None,
 ) -> ModelVersion:
-    """Register a new version (numbered after the newest) and commit it."""
+    """Register a new version (numbered after the newest)."""
     if kind not in KINDS:
         raise InvalidInput(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
     version = next_version(session, project, kind)
@@ -145,7 +144,7 @@ def create_version(
         status=status,
     )
     session.add(row)
-    session.commit()
+    session.flush()
     return row
 
 
@@ -163,7 +162,7 @@ def activate(session: Session, version: ModelVersion) -> ModelVersion:
     )
     version.status = "active"
     version.promoted_at = utcnow()
-    session.commit()
+    session.flush()
     return version
 
 

@@ -13,41 +13,15 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from app.ml.preferences import PreferenceExample
+from app.kinds.data import PreferenceExample, SnapshotConfig
 from app.models import ComparisonPair, DatasetSnapshot, Judgment, Project, Prompt, Response, Run
-from app.services.errors import Conflict, InvalidInput, NotFound
+from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.services.prompts import prompt_messages
-
-
-class SnapshotConfig(BaseModel):
-    """How judgments become training pairs. Stored with the snapshot and the run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ties: Literal["exclude", "soft"] = Field(
-        "exclude", description="drop ties, or keep them as soft labels (p = 0.5)"
-    )
-    margin_by_strength: dict[str, float] = Field(
-        default_factory=lambda: {"1": 0.0, "2": 1.0},
-        description="reward margin asked of 'better' (1) and 'much better' (2)",
-    )
-    include_gold: bool = Field(False, description="gold pairs are quality checks, not data")
-    unsafe: Literal["include", "exclude"] = Field(
-        "include", description="judgments flagged unsafe: keep (the preference still holds) or drop"
-    )
-    aggregate: Literal["separate", "majority"] = Field(
-        "separate",
-        description="several raters on one pair: one sample each, or one majority sample",
-    )
-    sources: Literal["all", "raters", "imports"] = Field(
-        "all", description="rater judgments, imported comparisons, or both"
-    )
 
 
 @dataclass(frozen=True)
@@ -130,7 +104,7 @@ def latest_snapshot(session: Session, project: Project) -> DatasetSnapshot | Non
 def create_snapshot(
     session: Session, project: Project, config: SnapshotConfig | None = None
 ) -> DatasetSnapshot:
-    """Freeze the project's usable judgments (under `config`) into a new snapshot and commit."""
+    """Freeze the project's usable judgments (under `config`) into a new snapshot."""
     config = config or SnapshotConfig()
     rows = _rows(session, project.id, _usable_filter(config))
     if config.unsafe == "exclude":
@@ -155,8 +129,21 @@ def create_snapshot(
         max_judgment_id=max(r.judgment.id for r in rows),
     )
     session.add(snapshot)
-    session.commit()
+    session.flush()
     return snapshot
+
+
+def check_run_snapshot(session: Session, project: Project, snapshot_id: int | None) -> None:
+    """For a run config naming `snapshot_id`: 422 at `config.snapshot_id` unless it is one of
+    the project's snapshots."""
+    if snapshot_id is None:
+        return
+    snapshot = session.get(DatasetSnapshot, snapshot_id)
+    if snapshot is None or snapshot.project_id != project.id:
+        raise InvalidInput(
+            f"snapshot {snapshot_id} is not a snapshot of project {project.slug}",
+            [FieldError(None, "config.snapshot_id", "unknown snapshot")],
+        )
 
 
 def get_snapshot(session: Session, snapshot_id: int) -> DatasetSnapshot:
@@ -243,10 +230,11 @@ def snapshot_for_run(
     snapshot_id: int | None,
     config: SnapshotConfig,
 ) -> tuple[DatasetSnapshot, list[PreferenceExample]]:
-    """The snapshot a training run trains on, and its pairs; the session's transaction ends.
+    """The snapshot a training run trains on, and its pairs.
 
     A resumed run keeps the snapshot it started with; otherwise the one its config names, or a
-    new one of the project's judgments. The run row records it before training starts.
+    new one of the project's judgments. The run row records it (the caller commits before
+    training starts).
     """
     if run.snapshot_id is not None:
         snapshot = get_snapshot(session, run.snapshot_id)
@@ -255,8 +243,4 @@ def snapshot_for_run(
     else:
         snapshot = create_snapshot(session, project, config)
     run.snapshot_id = snapshot.id
-    session.commit()
-    examples = load_examples(session, snapshot)
-    # End the read: on SQLite an open transaction holds the write lock the run's hooks need.
-    session.commit()
-    return snapshot, examples
+    return snapshot, load_examples(session, snapshot)

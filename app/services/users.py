@@ -36,14 +36,12 @@ def create_user(
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     user = User(email=email, password_hash=security.hash_password(password), role=role)
-    session.add(user)
     try:
-        session.flush()
+        with session.begin_nested():
+            session.add(user)
     except IntegrityError as exc:
-        session.rollback()
         raise Conflict(f"a user with email {email} already exists") from exc
     audit.record(session, "user.create", actor_id=actor_id, target=("user", user.id), role=role)
-    session.commit()
     return user
 
 
@@ -63,7 +61,6 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
         user.password_hash = security.hash_password(password)
     user.last_login_at = utcnow()
     audit.record(session, "user.login", actor_id=user.id, target=("user", user.id))
-    session.commit()
     return user
 
 
@@ -72,7 +69,6 @@ def set_password(session: Session, user: User, password: str) -> None:
         raise InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     user.password_hash = security.hash_password(password)
     audit.record(session, "user.password", actor_id=user.id, target=("user", user.id))
-    session.commit()
 
 
 @dataclass
@@ -98,7 +94,6 @@ def create_token(session: Session, user: User, name: str) -> IssuedToken:
     session.add(token)
     session.flush()
     audit.record(session, "token.create", actor_id=user.id, target=("api_token", token.id))
-    session.commit()
     return IssuedToken(token=token, secret=secret)
 
 
@@ -130,7 +125,6 @@ def user_for_token(session: Session, secret: str) -> User | None:
     now = utcnow()
     if last_used_at is None or now - last_used_at > TOKEN_TOUCH_INTERVAL:
         session.execute(_TOUCH_TOKEN, {"token_id": token_id, "now": now})
-        session.commit()
     return user
 
 
@@ -148,5 +142,5 @@ def revoke_token(session: Session, token_id: int, actor: User) -> ApiToken:
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         audit.record(session, "token.revoke", actor_id=actor.id, target=("api_token", token.id))
-        session.commit()
+        session.flush()
     return token

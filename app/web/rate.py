@@ -184,6 +184,8 @@ async def _act(
         project = await run_in_threadpool(projects.get_project, session, slug)
         await run_in_threadpool(action, session, project, rater, assignment_id, form)
     except (ServiceError, HTTPException) as exc:
+        # The answer is an error page, not an exception: end the request's work here.
+        await run_in_threadpool(session.rollback)
         message = exc.message if isinstance(exc, ServiceError) else str(exc.detail)
         code = exc.status_code
         if isinstance(exc, InvalidInput) and exc.errors:

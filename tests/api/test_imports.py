@@ -90,6 +90,7 @@ def test_hh_rlhf_transcripts_gzip(
     examples = snapshots.load_examples(
         factory.session, snapshots.create_snapshot(factory.session, project)
     )
+    factory.session.commit()
     assert {(e.chosen, e.rejected) for e in examples} == {
         ("Fine, thanks.", "Go away."),
         ("Red.", "Seven."),

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.jobs import runner
 from app.models import AuditEvent, ModelVersion, Project, Run, RunMetric
 from app.services import runs
 from tests.conftest import Factory, bearer
@@ -42,22 +43,22 @@ def test_admin_creates_a_generate_run(
     assert broker_messages(settings) == 1
 
 
-def test_unimplemented_kind_is_a_422_with_a_clear_message(
+def test_unknown_and_internal_kinds_are_a_422_naming_the_launchable_ones(
     client: TestClient, project: Project, admin: dict[str, str], factory: Factory,
-    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:  # fmt: skip
-    monkeypatch.setitem(
-        runs.RUN_KINDS, "ppo", runs.RunKind("ppo", None, unavailable="PPO arrives later")
-    )
-    response = client.post(
-        f"/api/v1/projects/{project.slug}/runs", json={"kind": "ppo"}, headers=admin
-    )
-    assert response.status_code == 422
-    assert response.json()["detail"].startswith("run kind 'ppo' is not available: PPO arrives")
     unknown = client.post(
         f"/api/v1/projects/{project.slug}/runs", json={"kind": "train"}, headers=admin
     )
     assert unknown.status_code == 422
+    assert unknown.json()["detail"] == (
+        "unknown run kind 'train'; use one of generate, reward, ppo, dpo, evaluate"
+    )
+    # `score` and `sample` runs are started by the calls they serve, not launched.
+    internal = client.post(
+        f"/api/v1/projects/{project.slug}/runs", json={"kind": "score"}, headers=admin
+    )
+    assert internal.status_code == 422 and "unknown run kind 'score'" in internal.json()["detail"]
     bad_config = client.post(
         f"/api/v1/projects/{project.slug}/runs",
         json={"kind": "generate", "config": {"temperature": -1}},
@@ -80,6 +81,7 @@ def test_only_admins_create_and_cancel_runs(
     assert response.status_code == 403
     assert factory.count(Run) == 0
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert client.post(f"/api/v1/runs/{run.id}/cancel", headers=headers).status_code == 403
     session.expire_all()
     assert session.get(Run, run.id).status == "queued"  # type: ignore[union-attr]
@@ -89,6 +91,7 @@ def test_raters_cannot_read_runs_but_reviewers_can(
     client: TestClient, project: Project, factory: Factory, session: Session, settings: Settings
 ) -> None:
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     rater = bearer(factory.token(factory.user("rater")))
     reviewer = bearer(factory.token(factory.user("reviewer")))
     for path in (f"/api/v1/runs/{run.id}", f"/api/v1/projects/{project.slug}/runs"):
@@ -102,9 +105,10 @@ def test_get_run_shows_progress_eta_metrics_error_and_log(
     settings: Settings,
 ) -> None:  # fmt: skip
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert run.task_id is not None
-    runs.claim_run(session, run.id, task_id=run.task_id, worker="w@host")
-    hooks = runs.RunHooks(settings.database_url, run.id, run.task_id, heartbeat_interval_s=60)
+    runner.claim_run(session, run.id, worker="w@host")
+    hooks = runner.RunHooks(settings.database_url, run.id, 1, heartbeat_interval_s=60)
     hooks.progress(3, 12, "batch 3/12 done")
     hooks.metrics(0, {"generation/tokens_per_s": 10.0})
     hooks.metrics(1, {"generation/tokens_per_s": 12.5})
@@ -133,10 +137,14 @@ def test_list_runs_newest_first_with_filters(
     settings: Settings, factory: Factory,
 ) -> None:  # fmt: skip
     first = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     second = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     runs.cancel_run(session, first, settings=settings)
+    session.commit()
     other = factory.project()
     runs.create_run(session, other, "generate", settings=settings)
+    session.commit()
 
     listed = client.get(f"/api/v1/projects/{project.slug}/runs", headers=admin).json()
     assert [r["id"] for r in listed] == [second.id, first.id]
@@ -153,6 +161,7 @@ def test_cancel_a_queued_run_revokes_it(
     settings: Settings,
 ) -> None:  # fmt: skip
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     response = client.post(f"/api/v1/runs/{run.id}/cancel", headers=admin)
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
@@ -162,7 +171,7 @@ def test_cancel_a_queued_run_revokes_it(
     assert row.finished_at is not None and "cancelled before it started" in row.log_tail
     # Its message is still in the broker, but the run can no longer be claimed by it.
     assert row.task_id is not None
-    assert not runs.claim_run(session, run.id, task_id=row.task_id, worker="late")
+    assert runner.claim_run(session, run.id, worker="late") is None
     event = session.scalars(sa.select(AuditEvent).where(AuditEvent.action == "run.cancel")).one()
     assert event.target_id == run.id and event.data == {"was": "queued"}
 
@@ -175,12 +184,13 @@ def test_cancel_a_running_run_sets_its_flag(
     settings: Settings,
 ) -> None:  # fmt: skip
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert run.task_id is not None
-    runs.claim_run(session, run.id, task_id=run.task_id, worker="w")
+    runner.claim_run(session, run.id, worker="w")
     body = client.post(f"/api/v1/runs/{run.id}/cancel", headers=admin).json()
     assert body["status"] == "running" and body["cancel_requested"] is True
     # The worker's hooks notice it on their next heartbeat and stop the run there.
-    hooks = runs.RunHooks(settings.database_url, run.id, run.task_id, heartbeat_interval_s=0.05)
+    hooks = runner.RunHooks(settings.database_url, run.id, 1, heartbeat_interval_s=0.05)
     hooks.start()
     try:
         for _ in range(100):

@@ -8,14 +8,15 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.core.db import make_engine
+from app.core.db import make_engine, make_sessionmaker, unit_of_work
 from app.models import Assignment, Base, ComparisonPair, Judgment, Project, User, utcnow
 from app.services import assignment as svc
 from app.services import judgments
@@ -44,11 +45,13 @@ def test_next_leases_a_pair_and_returns_the_same_one_while_live(factory: Factory
     rater = factory.user()
     pair = factory.pair(project)
     first = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert first is not None and first.pair_id == pair.id
     assert first.status == "leased" and first.shown_left in ("a", "b")
     assert first.expires_at - first.leased_at == timedelta(seconds=120)
     assert first.pair.prompt.text == "A question?"  # content is loaded for rendering
     again = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert again is not None and again.id == first.id
     assert count(factory, Assignment) == 1
 
@@ -63,9 +66,11 @@ def test_order_fewest_judgments_then_priority_then_oldest(factory: Factory) -> N
     picks = []
     for _ in range(4):
         got = svc.next_assignment(factory.session, project, rater)
+        factory.session.commit()
         assert got is not None
         picks.append(got.pair_id)
         svc.skip_assignment(factory.session, got.id, rater, "next please")
+        factory.session.commit()
     assert picks == [urgent.id, old.id, newer.id, busy.id]
     assert svc.next_assignment(factory.session, project, rater) is None
 
@@ -76,12 +81,15 @@ def test_a_rater_never_gets_a_pair_twice_and_skips_never_return(factory: Factory
     pairs = [factory.pair(project) for _ in range(3)]
     seen = []
     first = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert first is not None
     svc.skip_assignment(factory.session, first.id, rater, "cannot judge")
+    factory.session.commit()
     seen.append(first.pair_id)
     while (got := svc.next_assignment(factory.session, project, rater)) is not None:
         seen.append(got.pair_id)
         judgments.submit(factory.session, got.id, rater, VOTE)
+        factory.session.commit()
     assert sorted(seen) == sorted(p.id for p in pairs)
     assert count(factory, Assignment) == 3
 
@@ -101,11 +109,13 @@ def test_expired_lease_returns_the_pair_to_the_pool(factory: Factory) -> None:
     slow, other = factory.user(), factory.user()
     t0 = utcnow()
     held = svc.next_assignment(factory.session, project, slow, now=t0)
+    factory.session.commit()
     assert held is not None
     assert svc.next_assignment(factory.session, project, other, now=t0) is None
     later = t0 + timedelta(seconds=61)
     # treated as dead by the query even before the sweep runs
     got = svc.next_assignment(factory.session, project, other, now=later)
+    factory.session.commit()
     assert got is not None and got.pair_id == pair.id
     # the slow rater never gets the same pair again
     assert svc.next_assignment(factory.session, project, slow, now=later) is None
@@ -117,13 +127,17 @@ def test_release_expired_leases_marks_only_dead_leases(factory: Factory) -> None
         factory.pair(project)
     t0 = utcnow()
     old = svc.next_assignment(factory.session, project, factory.user(), now=t0 - timedelta(hours=1))
+    factory.session.commit()
     fresh = svc.next_assignment(factory.session, project, factory.user(), now=t0)
+    factory.session.commit()
     done_rater = factory.user()
     done = svc.next_assignment(factory.session, project, done_rater, now=t0 - timedelta(hours=1))
+    factory.session.commit()
     assert old and fresh and done
     judgments.submit(factory.session, done.id, done_rater, VOTE, now=t0 - timedelta(minutes=59))
+    factory.session.commit()
     assert svc.release_expired_leases(factory.session, now=t0) == 1
-    factory.session.rollback()  # a new snapshot: test sessions are deferred
+    factory.session.commit()
     factory.session.expire_all()
     statuses = {a.id: a.status for a in factory.session.scalars(sa.select(Assignment)).all()}
     assert statuses == {old.id: "expired", fresh.id: "leased", done.id: "submitted"}
@@ -141,6 +155,7 @@ def test_gold_pairs_interleave_at_the_rate_and_ignore_overlap(factory: Factory) 
     for rater, a in zip(raters, got, strict=True):
         assert a is not None
         judgments.submit(factory.session, a.id, rater, VOTE)
+        factory.session.commit()
     after = [svc.next_assignment(factory.session, project, r) for r in raters]
     # then the standard pair, to one rater only (overlap 1)
     assert [a.pair_id for a in after if a] == [standard.id]
@@ -150,6 +165,7 @@ def test_gold_pairs_interleave_at_the_rate_and_ignore_overlap(factory: Factory) 
     plain = factory.pair(never)
     rater = factory.user()
     first = svc.next_assignment(factory.session, never, rater)
+    factory.session.commit()
     assert first is not None and first.pair_id == plain.id
 
 
@@ -163,9 +179,11 @@ def test_gold_rate_is_respected_on_average(factory: Factory) -> None:
     kinds = []
     for _ in range(40):
         got = svc.next_assignment(factory.session, project, rater, rng=rng)
+        factory.session.commit()
         assert got is not None
         kinds.append(got.pair.gold_choice is not None)
         svc.skip_assignment(factory.session, got.id, rater, "sampling")
+        factory.session.commit()
     assert 4 <= sum(kinds) <= 17  # 10 expected; a seeded draw, so this is deterministic
 
 
@@ -176,9 +194,11 @@ def test_counts_done_today_and_left(factory: Factory) -> None:
     rater = factory.user()
     assert svc.rater_counts(factory.session, project, rater) == svc.RaterCounts(0, 3)
     got = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert got is not None
     assert svc.rater_counts(factory.session, project, rater) == svc.RaterCounts(0, 3)
     judgments.submit(factory.session, got.id, rater, VOTE)
+    factory.session.commit()
     assert svc.rater_counts(factory.session, project, rater) == svc.RaterCounts(1, 2)
     other = factory.user()
     # the judged pair is full (overlap 1), so only two are left for another rater
@@ -191,18 +211,23 @@ def test_skip_rules(factory: Factory) -> None:
     factory.pair(project)
     rater, stranger = factory.user(), factory.user()
     got = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert got is not None
     with pytest.raises(InvalidInput):
         svc.skip_assignment(factory.session, got.id, rater, "   ")
     with pytest.raises(NotFound):
         svc.skip_assignment(factory.session, got.id, stranger, "not mine")
     skipped = svc.skip_assignment(factory.session, got.id, rater, "off topic")
+    factory.session.commit()
     assert skipped.status == "skipped" and skipped.skip_reason == "off topic"
     again = svc.skip_assignment(factory.session, got.id, rater, "again")
+    factory.session.commit()
     assert again.skip_reason == "off topic"
     second = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert second is not None
     judgments.submit(factory.session, second.id, rater, VOTE)
+    factory.session.commit()
     with pytest.raises(Conflict):
         svc.skip_assignment(factory.session, second.id, rater, "too late")
 
@@ -211,13 +236,14 @@ def test_skip_rules(factory: Factory) -> None:
 
 
 @pytest.fixture
-def threaded_sessions(db_url: str) -> Iterator[Callable[[], Session]]:
-    """A session factory for worker threads, with a pool large enough that 50 threads really
-    hold 50 connections at once on PostgreSQL."""
+def threaded_sessions(db_url: str) -> Iterator[Callable[[], AbstractContextManager[Session]]]:
+    """Units of work for worker threads (each commits when its block ends, as a request does),
+    with a pool large enough that 50 threads really hold 50 connections at once on PostgreSQL."""
     engine = make_engine(db_url, pool_size=55, max_overflow=0) if "postgresql" in db_url else None
     if engine is None:
         engine = make_engine(db_url)
-    yield sessionmaker(bind=engine, expire_on_commit=False)
+    factory = make_sessionmaker(engine)
+    yield lambda: unit_of_work(factory)
     engine.dispose()
 
 
@@ -268,7 +294,7 @@ def _check_invariants(session: Session) -> None:
 
 
 def test_fifty_concurrent_next_calls_never_over_assign(
-    factory: Factory, threaded_sessions: Callable[[], Session]
+    factory: Factory, threaded_sessions: Callable[[], AbstractContextManager[Session]]
 ) -> None:
     # 70 raters, 60 places (20 pairs x overlap 3): 60 leases, 10 told "nothing left".
     project, raters = _setup(factory, raters=70)
@@ -276,6 +302,7 @@ def test_fifty_concurrent_next_calls_never_over_assign(
     def work(i: int) -> int | None:
         with threaded_sessions() as s:
             got = svc.next_assignment(s, s.get(Project, project.id), s.get(User, raters[i].id))
+            s.commit()
             return got.pair_id if got else None
 
     results = run_together(50, work) + run_together(20, lambda i: work(50 + i))
@@ -287,7 +314,7 @@ def test_fifty_concurrent_next_calls_never_over_assign(
 
 
 def test_concurrent_raters_working_through_the_queue(
-    factory: Factory, threaded_sessions: Callable[[], Session]
+    factory: Factory, threaded_sessions: Callable[[], AbstractContextManager[Session]]
 ) -> None:
     # Each of 50 raters loops next -> submit until nothing is left, all at once.
     project, raters = _setup(factory, raters=50)
@@ -297,8 +324,11 @@ def test_concurrent_raters_working_through_the_queue(
         with threaded_sessions() as s:
             p, me = s.get(Project, project.id), s.get(User, raters[i].id)
             assert p is not None and me is not None
+            # One transaction per call, as each API request is.
             while (got := svc.next_assignment(s, p, me)) is not None:
+                s.commit()
                 judgments.submit(s, got.id, me, VOTE)
+                s.commit()
                 done += 1
         return done
 
@@ -309,13 +339,14 @@ def test_concurrent_raters_working_through_the_queue(
 
 
 def test_one_rater_calling_next_concurrently_gets_one_lease(
-    factory: Factory, threaded_sessions: Callable[[], Session]
+    factory: Factory, threaded_sessions: Callable[[], AbstractContextManager[Session]]
 ) -> None:
     project, (rater,) = _setup(factory, raters=1)
 
     def work(i: int) -> int | None:
         with threaded_sessions() as s:
             got = svc.next_assignment(s, s.get(Project, project.id), s.get(User, rater.id))
+            s.commit()
             return got.id if got else None
 
     ids = run_together(10, work)
@@ -324,10 +355,11 @@ def test_one_rater_calling_next_concurrently_gets_one_lease(
 
 
 def test_duplicate_concurrent_submits_store_one_row(
-    factory: Factory, threaded_sessions: Callable[[], Session]
+    factory: Factory, threaded_sessions: Callable[[], AbstractContextManager[Session]]
 ) -> None:
     project, (rater,) = _setup(factory, raters=1, pairs=1)
     got = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert got is not None
     vote = judgments.JudgmentInput(choice="b", strength=2, rationale="clearer", flags=["broken"])
 
@@ -336,6 +368,7 @@ def test_duplicate_concurrent_submits_store_one_row(
             me = s.get(User, rater.id)
             assert me is not None
             j = judgments.submit(s, got.id, me, vote)
+            s.commit()
             return (j.id, j.choice, j.strength)
 
     answers = run_together(8, work)

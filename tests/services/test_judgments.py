@@ -92,12 +92,14 @@ def test_submit_stores_judgment_and_counts(factory: Factory) -> None:
     rater = factory.user()
     t0 = utcnow()
     a = svc.next_assignment(factory.session, project, rater, now=t0)
+    factory.session.commit()
     assert a is not None
     data = JudgmentInput(
         choice="b", strength=2, aspects={"honesty": "b"}, rationale="r", flags=["unsafe"],
         active_ms=99_999,
     )  # fmt: skip
     j = judgments.submit(factory.session, a.id, rater, data, now=t0 + timedelta(seconds=12))
+    factory.session.commit()
     assert (j.choice, j.strength, j.aspects, j.flags) == ("b", 2, {"honesty": "b"}, ["unsafe"])
     assert j.time_on_task_ms == 12_000
     assert j.active_ms == 12_000  # cannot exceed the time the lease was held
@@ -113,9 +115,12 @@ def test_submit_twice_is_idempotent_and_a_different_answer_conflicts(factory: Fa
     factory.pair(project)
     rater = factory.user()
     a = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert a is not None
     first = judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="tie"))
+    factory.session.commit()
     again = judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="tie", active_ms=5))
+    factory.session.commit()
     assert again.id == first.id
     with pytest.raises(Conflict):
         judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="a", strength=1))
@@ -127,10 +132,12 @@ def test_submit_to_someone_elses_or_skipped_assignment(factory: Factory) -> None
     factory.pair(project)
     rater, other = factory.user(), factory.user()
     a = svc.next_assignment(factory.session, project, rater)
+    factory.session.commit()
     assert a is not None
     with pytest.raises(NotFound):
         judgments.submit(factory.session, a.id, other, JudgmentInput(choice="tie"))
     svc.skip_assignment(factory.session, a.id, rater, "no")
+    factory.session.commit()
     with pytest.raises(Conflict):
         judgments.submit(factory.session, a.id, rater, JudgmentInput(choice="tie"))
     assert count(factory, Judgment) == 0
@@ -142,8 +149,10 @@ def test_late_submit_is_stored_while_the_pair_has_room(factory: Factory) -> None
     slow = factory.user()
     t0 = utcnow()
     a = svc.next_assignment(factory.session, project, slow, now=t0)
+    factory.session.commit()
     assert a is not None
     svc.release_expired_leases(factory.session, now=t0 + timedelta(minutes=5))
+    factory.session.commit()
     j = judgments.submit(
         factory.session, a.id, slow, JudgmentInput(choice="tie"), now=t0 + timedelta(minutes=5)
     )
@@ -156,13 +165,16 @@ def test_late_submit_after_the_pair_filled_up_is_refused(factory: Factory) -> No
     slow, quick = factory.user(), factory.user()
     t0 = utcnow()
     late = svc.next_assignment(factory.session, project, slow, now=t0)
+    factory.session.commit()
     later = t0 + timedelta(minutes=2)
     taken = svc.next_assignment(factory.session, project, quick, now=later)
+    factory.session.commit()
     assert late is not None and taken is not None and taken.pair_id == pair.id
     # the quick rater holds a live lease: the slow one's late answer would over-fill the pair
     with pytest.raises(Conflict, match="ran out"):
         judgments.submit(factory.session, late.id, slow, JudgmentInput(choice="tie"), now=later)
     judgments.submit(factory.session, taken.id, quick, JudgmentInput(choice="tie"), now=later)
+    factory.session.commit()
     with pytest.raises(Conflict, match="ran out"):
         judgments.submit(factory.session, late.id, slow, JudgmentInput(choice="tie"), now=later)
     assert count(factory, Judgment) == 1
@@ -174,16 +186,20 @@ def test_gold_correct_is_recorded_and_recomputed(factory: Factory) -> None:
     right, wrong = factory.user(), factory.user()
     for rater, choice in ((right, "a"), (wrong, "b")):
         a = svc.next_assignment(factory.session, project, rater)
+        factory.session.commit()
         assert a is not None
         judgments.submit(factory.session, a.id, rater, JudgmentInput(choice=choice, strength=1))
+        factory.session.commit()
     rows = dict(factory.session.execute(sa.select(Judgment.rater_id, Judgment.gold_correct)).all())
     assert rows == {right.id: True, wrong.id: False}
     judgments.set_gold(factory.session, pair.id, "b")
+    factory.session.commit()
     factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     rows = dict(factory.session.execute(sa.select(Judgment.rater_id, Judgment.gold_correct)).all())
     assert rows == {right.id: False, wrong.id: True}
     judgments.set_gold(factory.session, pair.id, None)
+    factory.session.commit()
     factory.session.rollback()  # a new snapshot: test sessions are deferred
     factory.session.expire_all()
     assert set(factory.session.scalars(sa.select(Judgment.gold_correct))) == {None}

@@ -32,6 +32,7 @@ def chain(
 ) -> tuple[Project, list[ModelVersion]]:
     project = factory.project(base_policy="/models/base")
     base = registry.ensure_base_policy(session, project, settings)
+    session.commit()
     v1 = _policy(session, project, 1, "candidate", base)
     v2 = _policy(session, project, 2, "candidate", v1)
     return project, [base, v1, v2]
@@ -56,6 +57,7 @@ def test_promote_archives_the_active_one_and_audits(
     project, (base, v1, v2) = chain
     admin = factory.user("admin")
     promotion.promote(session, v1, actor_id=admin.id, reason="looks better")
+    session.commit()
     assert _statuses(session, [base, v1, v2]) == ["archived", "active", "candidate"]
     [event] = _events(session, "model.promote")
     assert (event.actor_id, event.target_id) == (admin.id, v1.id)
@@ -63,6 +65,7 @@ def test_promote_archives_the_active_one_and_audits(
     assert event.data["reason"] == "looks better"
 
     promotion.promote(session, v2, actor_id=None, trigger="auto")
+    session.commit()
     assert _statuses(session, [base, v1, v2]) == ["archived", "archived", "active"]
     assert registry.active_policy(session, project, Settings()).id == v2.id
     assert [e.data["trigger"] for e in _events(session, "model.promote")] == ["admin", "auto"]
@@ -88,9 +91,11 @@ def test_rollback_goes_to_any_earlier_version_only(
 ) -> None:
     _, (base, v1, v2) = chain
     promotion.promote(session, v2, actor_id=None)
+    session.commit()
     with pytest.raises(Conflict, match="not earlier"):
         promotion.rollback(session, v2, actor_id=None)
     promotion.rollback(session, base, actor_id=None, reason="regression")  # two steps back
+    session.commit()
     assert _statuses(session, [base, v1, v2]) == ["active", "candidate", "archived"]
     [event] = _events(session, "model.rollback")
     assert event.data["previous_id"] == v2.id and event.data["version"] == 0
@@ -139,9 +144,12 @@ def test_after_promotion_queues_a_generation_run_with_the_loop_config(
 ) -> None:
     project = factory.project(base_policy="/models/base", loop_generation_config={"limit": 3})
     base = registry.ensure_base_policy(session, project, settings)
+    session.commit()
     v1 = _policy(session, project, 1, "candidate", base)
     promotion.promote(session, v1, actor_id=None)
+    session.commit()
     run = loop.after_promotion(session, project, v1, settings=settings, parent_run_id=None)
+    session.commit()
     assert run is not None
     row = session.get(Run, run.id)
     assert row is not None and (row.kind, row.status, row.trigger) == ("generate", "queued", "auto")

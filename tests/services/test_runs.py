@@ -17,6 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import make_sessionmaker, unit_of_work
+from app.jobs import runner
+from app.kinds.registry import RUN_KINDS
 from app.models import (
     AuditEvent,
     ComparisonPair,
@@ -29,7 +32,7 @@ from app.models import (
 )
 from app.services import generation, projects, prompts, registry, runs
 from app.services.errors import Conflict, InvalidInput
-from tests.conftest import Factory, empty_all_tables, engine_for
+from tests.conftest import Factory, empty_all_tables, engine_for, run_verdict
 from tests.tiny_models import save_tiny_model
 
 
@@ -52,7 +55,7 @@ def add_prompts(session: Session, project: Project, n: int) -> list[int]:
     return prompts.store_prompts(session, project, records, source="test").prompt_ids
 
 
-def test_create_run_commits_a_queued_row_then_sends_its_task(
+def test_create_run_adds_a_queued_row_and_the_commit_sends_its_task(
     session: Session, settings: Settings, factory: Factory
 ) -> None:
     project = factory.project()
@@ -60,34 +63,44 @@ def test_create_run_commits_a_queued_row_then_sends_its_task(
     run = runs.create_run(
         session, project, "generate", {"limit": 3}, settings=settings, actor_id=admin.id
     )
+    assert broker_messages(settings) == 0  # nothing is sent before the row is committed
+    session.commit()
+    assert broker_messages(settings) == 1
     session.expire_all()
     row = session.get(Run, run.id)
     assert row is not None and row.status == "queued" and row.task_id
-    assert row.config == {"limit": 3, "batch_size": 16, "first_batch_prompts": 0}
+    # The stored config is complete: every knob of the kind, with its value.
+    assert row.config == {
+        "prompt_ids": None, "limit": 3, "responses_per_prompt": None, "temperature": None,
+        "top_p": None, "max_new_tokens": None, "batch_size": 16, "first_batch_prompts": 0,
+        "seed": None,
+    }  # fmt: skip
     assert row.created_by_id == admin.id and row.trigger == "api"
-    assert broker_messages(settings) == 1
     event = session.scalars(sa.select(AuditEvent).where(AuditEvent.action == "run.create")).one()
     assert event.target_id == run.id
 
 
-def test_kinds_without_a_handler_are_refused_with_a_clear_message(
-    session: Session, settings: Settings, factory: Factory, monkeypatch: pytest.MonkeyPatch
+def test_a_rolled_back_run_is_never_sent(
+    session: Session, settings: Settings, factory: Factory
 ) -> None:
-    # Pinned here, so the test keeps meaning the same while later issues add handlers.
-    monkeypatch.setitem(
-        runs.RUN_KINDS, "dpo", runs.RunKind("dpo", None, unavailable="DPO arrives later")
-    )
+    runs.create_run(session, factory.project(), "generate", settings=settings)
+    session.rollback()
+    session.commit()
+    assert factory.count(Run) == 0 and broker_messages(settings) == 0
+
+
+def test_unknown_kinds_are_refused_naming_the_registered_ones(
+    session: Session, settings: Settings, factory: Factory
+) -> None:
     project = factory.project()
     with pytest.raises(InvalidInput) as caught:
-        runs.create_run(session, project, "dpo", {}, settings=settings)
-    assert caught.value.message == (
-        "run kind 'dpo' is not available: DPO arrives later. Implemented kinds: "
-        + ", ".join(runs.implemented_kinds())
-        + "."
-    )
-    assert caught.value.errors[0].field == "kind"
-    with pytest.raises(InvalidInput, match="unknown run kind 'train'"):
         runs.create_run(session, project, "train", {}, settings=settings)
+    assert caught.value.message == ("unknown run kind 'train'; use one of " + ", ".join(RUN_KINDS))
+    assert caught.value.errors[0].field == "kind"
+    # Kinds the API serves itself (score, sample) are not launchable from the runs API.
+    with pytest.raises(InvalidInput, match="unknown run kind 'sample'"):
+        runs.create_run(session, project, "sample", {}, settings=settings, launchable_only=True)
+    session.rollback()
     assert factory.count(Run) == 0 and broker_messages(settings) == 0
 
 
@@ -105,19 +118,32 @@ def test_invalid_generate_config_is_refused_field_by_field(
     assert factory.count(Run) == 0
 
 
-def test_claim_guard_lets_one_delivery_run(
+def test_claim_lets_one_delivery_run_and_fences_the_attempt(
     session: Session, settings: Settings, factory: Factory
 ) -> None:
     run = runs.create_run(session, factory.project(), "generate", settings=settings)
-    assert run.task_id is not None
-    assert not runs.claim_run(session, run.id, task_id="stale-task", worker="w")
-    assert runs.claim_run(session, run.id, task_id=run.task_id, worker="w1")
-    assert not runs.claim_run(session, run.id, task_id=run.task_id, worker="w2")
+    session.commit()
+    # Any delivery of the run's messages may claim it while it is queued; only the first does.
+    assert runner.claim_run(session, run.id, worker="w1") == 1
+    assert runner.claim_run(session, run.id, worker="w2") is None
     session.expire_all()
     row = session.get(Run, run.id)
     assert row is not None
     assert (row.status, row.worker, row.attempts) == ("running", "w1", 1)
     assert row.started_at is not None and row.heartbeat_at is not None
+    session.commit()
+    # The reaper takes the run over (say w1 only looked dead) and w3 claims attempt 2: w1's
+    # writes no longer land, and it notices that it lost the run.
+    slow = runner.RunHooks(settings.database_url, run.id, 1, heartbeat_interval_s=60)
+    session.execute(sa.update(Run).where(Run.id == run.id).values(status="queued"))
+    session.commit()
+    assert runner.claim_run(session, run.id, worker="w3") == 2
+    slow.progress(5, 10, "from the old attempt")
+    assert slow.lost and slow.should_stop()
+    session.expire_all()
+    row = session.get(Run, run.id)
+    assert row is not None and row.worker == "w3" and row.progress_done == 0
+    assert "from the old attempt" not in row.log_tail
 
 
 def test_cancel_queued_running_and_finished_runs(
@@ -125,17 +151,21 @@ def test_cancel_queued_running_and_finished_runs(
 ) -> None:
     project = factory.project()
     queued = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     running = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert running.task_id is not None
-    runs.claim_run(session, running.id, task_id=running.task_id, worker="w")
+    runner.claim_run(session, running.id, worker="w")
 
     out = runs.cancel_run(session, queued, settings=settings)
+    session.commit()
     assert out.status == "cancelled" and out.cancel_requested and out.finished_at is not None
     # A cancelled run can never be claimed by its (possibly still queued) message.
     assert queued.task_id is not None
-    assert not runs.claim_run(session, queued.id, task_id=queued.task_id, worker="w")
+    assert runner.claim_run(session, queued.id, worker="w") is None
 
     out = runs.cancel_run(session, running, settings=settings)
+    session.commit()
     assert out.status == "running" and out.cancel_requested and out.finished_at is None
 
     with pytest.raises(Conflict, match="already ended"):
@@ -148,7 +178,9 @@ def test_create_run_if_idle_starts_only_one(
 ) -> None:
     project = factory.project()
     first = runs.create_run_if_idle(session, project, "generate", settings=settings)
+    session.commit()
     second = runs.create_run_if_idle(session, project, "generate", settings=settings)
+    session.commit()
     assert first is not None and second is None
     assert factory.count(Run) == 1
 
@@ -157,8 +189,9 @@ def _running_run(
     session: Session, project: Project, settings: Settings, *, beat_age_s: float, attempts: int = 1
 ) -> Run:
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert run.task_id is not None
-    runs.claim_run(session, run.id, task_id=run.task_id, worker="dead@host")
+    runner.claim_run(session, run.id, worker="dead@host")
     session.execute(
         sa.update(Run)
         .where(Run.id == run.id)
@@ -175,7 +208,7 @@ def test_reaper_requeues_resumable_runs_and_fails_exhausted_ones(
     timeout = settings.worker_heartbeat_timeout_s
     dead = _running_run(session, project, settings, beat_age_s=timeout + 5)
     exhausted = _running_run(
-        session, project, settings, beat_age_s=timeout + 5, attempts=runs.MAX_ATTEMPTS
+        session, project, settings, beat_age_s=timeout + 5, attempts=runner.MAX_ATTEMPTS
     )
     alive = _running_run(session, project, settings, beat_age_s=1)
     cancelling = _running_run(session, project, settings, beat_age_s=timeout + 5)
@@ -184,14 +217,16 @@ def test_reaper_requeues_resumable_runs_and_fails_exhausted_ones(
     messages_before = broker_messages(settings)
     old_task = dead.task_id
 
-    changed = runs.reap_stale_runs(session, settings)
+    changed = runner.reap_stale_runs(session, settings)
 
     assert {r.id for r in changed} == {dead.id, exhausted.id, cancelling.id}
     session.expire_all()
     requeued = session.get(Run, dead.id)
     assert requeued is not None and requeued.status == "queued" and requeued.worker is None
-    assert requeued.task_id != old_task and "reaper: no heartbeat" in requeued.log_tail
-    assert broker_messages(settings) == messages_before + 1  # sent again, under the new id
+    assert "reaper: no heartbeat" in requeued.log_tail
+    # Sent again under the same task id: whichever message comes first claims the run.
+    assert requeued.task_id == old_task
+    assert broker_messages(settings) == messages_before + 1
     failed = session.get(Run, exhausted.id)
     assert failed is not None and failed.status == "failed"
     assert failed.error is not None and "heartbeat timeout" in failed.error
@@ -227,6 +262,7 @@ def test_registry_base_policy_is_created_once_and_promotion_archives(
         session, project, "policy", base_model=base.base_model, artifact_path="/a/v1", parent=base
     )
     registry.activate(session, tuned)
+    session.commit()
     session.expire_all()
     assert registry.active_policy(session, project, settings).id == tuned.id
     assert session.get(ModelVersion, base.id).status == "archived"  # type: ignore[union-attr]
@@ -265,7 +301,7 @@ def test_upload_queues_generation_only_for_prompts_without_responses(
 
 def _execute(session: Session, settings: Settings, run: Run) -> str:
     assert run.task_id is not None
-    return runs.execute_run(run.id, task_id=run.task_id, worker="in-test", settings=settings)
+    return runner.execute_run(run.id, task_id=run.task_id, worker="in-test", settings=settings)
 
 
 def test_generation_with_a_trained_policy_adds_version_eval_pairs(
@@ -276,6 +312,7 @@ def test_generation_with_a_trained_policy_adds_version_eval_pairs(
     )
     first = add_prompts(session, project, 2)
     base_run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert _execute(session, settings, base_run) == "succeeded"
 
     base = registry.active_policy(session, project, settings)
@@ -287,6 +324,7 @@ def test_generation_with_a_trained_policy_adds_version_eval_pairs(
     registry.activate(session, tuned)
     fresh = add_prompts(session, project, 1)  # the previous policy never answered this one
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     assert _execute(session, settings, run) == "succeeded"
 
     session.expire_all()
@@ -319,6 +357,7 @@ def test_a_failing_handler_marks_the_run_failed_and_reraises(
     project = factory.project(base_policy="not/a-local-dir")
     add_prompts(session, project, 1)
     run = runs.create_run(session, project, "generate", settings=settings)
+    session.commit()
     with pytest.raises(Exception, match="hub downloads are disabled"):
         _execute(session, settings, run)
     session.expire_all()
@@ -330,17 +369,6 @@ def test_a_failing_handler_marks_the_run_failed_and_reraises(
 
 
 # --- the CLI over this service (real `verdict` processes) --------------------------------------
-
-
-def _verdict(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -358,24 +386,23 @@ def test_cli_lists_watches_and_refuses_unknown_kinds(
     cli_env: dict[str, str], sqlite_url: str, tmp_path: Path
 ) -> None:
     settings = Settings(database_url=sqlite_url, var_dir=tmp_path / "var")
-    with Session(engine_for(sqlite_url), expire_on_commit=False) as session:
+    with unit_of_work(make_sessionmaker(engine_for(sqlite_url))) as session:
         project = projects.create_project(session, "cli", "CLI")
         failed = runs.create_run(session, project, "generate", settings=settings)
         live = runs.create_run(session, project, "generate", settings=settings)
     for run in (failed, live):
-        assert run.task_id is not None
-        with Session(engine_for(sqlite_url)) as session:
-            runs.claim_run(session, run.id, task_id=run.task_id, worker="w")
+        with unit_of_work(make_sessionmaker(engine_for(sqlite_url))) as session:
+            runner.claim_run(session, run.id, worker="w")
     assert failed.task_id is not None and live.task_id is not None
-    runs.RunHooks(sqlite_url, failed.id, failed.task_id, heartbeat_interval_s=60).finish(
+    runner.RunHooks(sqlite_url, failed.id, 1, heartbeat_interval_s=60).finish(
         "failed", error="ModelLoadError: no such model"
     )
 
-    listed = _verdict(cli_env, "runs", "list", "--project", "cli")
+    listed = run_verdict("runs", "list", "--project", "cli", env=cli_env)
     assert listed.returncode == 0, listed.stderr
     assert "failed" in listed.stdout and "running" in listed.stdout
 
-    watch_failed = _verdict(cli_env, "runs", "watch", str(failed.id))
+    watch_failed = run_verdict("runs", "watch", str(failed.id), env=cli_env)
     assert watch_failed.returncode == 1
     assert "ModelLoadError: no such model" in watch_failed.stderr
 
@@ -387,7 +414,7 @@ def test_cli_lists_watches_and_refuses_unknown_kinds(
         stderr=subprocess.PIPE,
         text=True,
     )
-    hooks = runs.RunHooks(sqlite_url, live.id, live.task_id, heartbeat_interval_s=60)
+    hooks = runner.RunHooks(sqlite_url, live.id, 1, heartbeat_interval_s=60)
     hooks.progress(1, 2, "half way")
     time.sleep(3)
     assert watcher.poll() is None  # still watching a running run
@@ -396,5 +423,5 @@ def test_cli_lists_watches_and_refuses_unknown_kinds(
     assert watcher.returncode == 0, err
     assert '"responses": 4' in out
 
-    unknown = _verdict(cli_env, "runs", "start", "--project", "cli", "--kind", "train")
-    assert unknown.returncode == 1 and "unknown run kind 'train'" in unknown.stderr
+    unknown = run_verdict("runs", "start", "--project", "cli", "--kind", "train", env=cli_env)
+    assert unknown.returncode == 2 and "unknown run kind 'train'" in unknown.stderr

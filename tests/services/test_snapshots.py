@@ -5,10 +5,10 @@ import threading
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import make_engine
+from app.core.db import make_engine, make_sessionmaker
 from app.ml.preferences import split_by_prompt
 from app.models import ComparisonPair, Judgment, Project, Response, Run, User
 from app.services import reward_runs, snapshots
@@ -62,6 +62,7 @@ def test_choices_become_pairs_with_margins_and_exclusions(
     judge(factory, gold, r1, "a", 1)
 
     snap = snapshots.create_snapshot(session, project)
+    session.commit()
     assert len(snap.judgment_ids) == 3  # tie, both-bad and gold excluded by default
     assert snap.stats["project_choices"]["both_bad"] == 1
     examples = snapshots.load_examples(session, snap)
@@ -91,11 +92,13 @@ def test_snapshot_is_immutable_and_detects_changed_data(
     pair = factory.pair(project, ("a1", "b1"))
     judge(factory, pair, rater, "a")
     first = snapshots.create_snapshot(session, project)
+    session.commit()
     ids, digest = list(first.judgment_ids), first.content_hash
 
     later = factory.pair(project, ("a2", "b2"), prompt="another")
     judge(factory, later, rater, "b")
     second = snapshots.create_snapshot(session, project)
+    session.commit()
     session.refresh(first)
     assert (first.judgment_ids, first.content_hash) == (ids, digest)
     assert len(second.judgment_ids) == 2 and second.content_hash != digest
@@ -142,7 +145,7 @@ def test_trigger_waits_for_the_threshold_then_starts_one_run(
 
     # The app's own engine: on SQLite its transactions begin IMMEDIATE, as in production.
     engine = make_engine(db_url)
-    make = sessionmaker(bind=engine, expire_on_commit=False)
+    make = make_sessionmaker(engine)
     barrier = threading.Barrier(4)
     started: list[Run | None] = []
 
@@ -153,6 +156,7 @@ def test_trigger_waits_for_the_threshold_then_starts_one_run(
             s.commit()  # on SQLite, holding the transaction would hold the write lock
             barrier.wait()
             started.append(reward_runs.maybe_trigger_reward_run(s, target, settings))
+            s.commit()
 
     threads = [threading.Thread(target=trigger) for _ in range(4)]
     for t in threads:

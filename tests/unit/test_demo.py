@@ -7,8 +7,8 @@ from pathlib import Path
 
 from app.core.config import Settings
 from app.demo import demo_children
-from app.services.dispatch import DEFAULT_QUEUE, GPU_QUEUE
-from app.services.runs import RUN_KINDS
+from app.kinds.queues import DEFAULT_QUEUE, GPU_QUEUE
+from app.kinds.registry import RUN_KINDS
 from workers.celery_app import make_celery
 
 

@@ -6,7 +6,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.cli import alembic_config
+from app.core.migrate import alembic_config
 from app.models import Base
 from tests.conftest import engine_for
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
-from sqlalchemy.orm import sessionmaker
 
 from app.core.config import Settings
+from app.core.db import make_sessionmaker
 from app.main import create_app
 from tests.conftest import Factory, empty_all_tables, engine_for
 
@@ -94,7 +94,7 @@ def page(context: BrowserContext) -> Page:
 @pytest.fixture
 def web_factory(live_server: LiveServer) -> Iterator[Factory]:
     """Rows in the live server's database, emptied after each test."""
-    session = sessionmaker(bind=engine_for(live_server.database_url), expire_on_commit=False)()
+    session = make_sessionmaker(engine_for(live_server.database_url))()
     yield Factory(session)
     session.close()
     empty_all_tables(live_server.database_url)

@@ -158,8 +158,10 @@ def test_expired_and_full_keeps_what_the_rater_typed(page: Page, web_factory: Fa
     project_row = session.get(Project, project.id)
     assert project_row is not None
     theirs = assignment_service.next_assignment(session, project_row, other)
+    session.commit()
     assert theirs is not None and theirs.pair_id == mine.pair_id
     judgments.submit(session, theirs.id, other, judgments.JudgmentInput(choice="tie"))
+    session.commit()
 
     page.keyboard.press("Enter")
     status = page.locator("#task-status")

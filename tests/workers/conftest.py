@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.core.config import ROOT_DIR, Settings
+from app.core.db import make_sessionmaker, unit_of_work
+from app.kinds.queues import SOLE_WORKER_ENV
 from app.models import Project, Run
 from app.services import projects, prompts
 from tests.conftest import _unavailable, empty_all_tables, engine_for
@@ -105,8 +108,9 @@ class Stack:
             worker_heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
         )
 
-    def start_worker(self) -> CeleryProcess:
-        """Start the worker (if it is not running) and wait until it consumes."""
+    def start_worker(self, *, sole: bool = False) -> CeleryProcess:
+        """Start the worker (if it is not running) and wait until it consumes. `sole`: it is
+        the only worker of its queues (`verdict worker --sole`, as the demo starts them)."""
         if self.worker is not None and self.worker.alive():
             return self.worker
         self._count += 1
@@ -124,7 +128,7 @@ class Stack:
                 "--without-mingle",
                 "--without-heartbeat",
             ],  # fmt: skip
-            self.env,
+            {**self.env, SOLE_WORKER_ENV: "1" if sole else ""},
             self.var_dir / f"worker-{self._count}.log",
         )
         wait_for(
@@ -146,8 +150,9 @@ class Stack:
         self.extra.append(beat)
         return beat
 
-    def session(self) -> Session:
-        return Session(engine_for(self.database_url), expire_on_commit=False)
+    def session(self) -> AbstractContextManager[Session]:
+        """A unit of work on the stack's database (committed when the block ends)."""
+        return unit_of_work(make_sessionmaker(engine_for(self.database_url)))
 
     def run_row(self, run_id: int) -> Run:
         with self.session() as s:

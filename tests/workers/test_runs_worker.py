@@ -8,7 +8,9 @@ import signal
 import pytest
 import sqlalchemy as sa
 
-from app.core.db import new_session
+from app.core.db import unit_of_work
+from app.jobs import runner
+from app.kinds.queues import GPU_QUEUE
 from app.models import AuditEvent, ComparisonPair, Response, Run, RunMetric
 from app.services import dispatch, projects, runs
 from tests.workers.conftest import Stack, wait_for
@@ -100,7 +102,7 @@ def test_cancel_stops_a_running_run_and_drops_a_queued_one(live: Stack) -> None:
     # The app's own session (on SQLite its transactions begin immediate): a test session reads
     # deferred, and upgrading that read to cancel_run's write fails at once with "database is
     # locked" when the worker committed progress in between.
-    with new_session(live.database_url) as s:
+    with unit_of_work(live.database_url) as s:
         queued = runs.cancel_run(s, runs.get_run(s, second.id), settings=live.settings)
         assert queued.status == "cancelled"  # a queued run ends at once
         running = runs.cancel_run(s, runs.get_run(s, first.id), settings=live.settings)
@@ -140,7 +142,7 @@ def test_a_task_delivered_twice_runs_once(live: Stack) -> None:
     assert run.task_id is not None
     # The same message again, as a broker redelivery or a double publish would send it.
     dispatch.enqueue(
-        live.broker_url, dispatch.RUN_TASK, [run.id], queue=dispatch.GPU_QUEUE, task_id=run.task_id
+        live.broker_url, dispatch.RUN_TASK, [run.id], queue=GPU_QUEUE, task_id=run.task_id
     )
     row = live.wait_status(run.id, FINISHED)
     assert row.status == "succeeded", row.error
@@ -198,3 +200,77 @@ def test_killed_worker_is_noticed_by_the_reaper_and_the_run_resumes(live: Stack)
     # before the kill.
     assert stored_before >= 4
     _assert_k_responses_and_pairs(live, n_prompts=8, k=2)
+
+
+def test_a_stopped_worker_requeues_its_run_and_the_next_one_finishes_it(live: Stack) -> None:
+    """Ctrl-C of the demo mid-generation, then a new start: the run continues and ends."""
+    live.project(n_prompts=12, slug="stop", max_new_tokens=32)
+    run = _start(live, "stop", {"batch_size": 2})
+    waiting = _start(live, "stop", {"batch_size": 2})  # queued behind it, never started
+    wait_for(lambda: live.run_row(run.id).progress_done >= 2, 120, "the run to progress")
+    assert live.worker is not None
+    live.worker.stop()  # SIGTERM: Celery's warm shutdown, as the demo sends on Ctrl-C
+    stopped = live.run_row(run.id)
+    assert stopped.status == "queued", stopped.log_tail
+    assert "requeued: the worker shut down" in stopped.log_tail
+    stored_before = len(_responses(live))
+    assert 0 < stored_before < 24
+
+    live.start_worker(sole=True)
+    row = live.wait_status(run.id, FINISHED, timeout=150)
+    assert row.status == "succeeded", row.error or row.log_tail
+    assert row.attempts == 2
+    # The run queued behind it ran too (whichever of the two came first answered the rest).
+    assert live.wait_status(waiting.id, FINISHED, timeout=60).status == "succeeded"
+    # Resumed where it stopped: every prompt has exactly K responses, none twice.
+    _assert_k_responses_and_pairs(live, n_prompts=12, k=2)
+
+
+def test_a_worker_killed_outright_is_recovered_at_the_next_sole_start(live: Stack) -> None:
+    """The demo killed (no warm shutdown): its only worker's next start requeues the orphaned
+    run at once, without waiting for the heartbeat timeout and the reaper."""
+    live.project(n_prompts=8, slug="orphan", max_new_tokens=32)
+    run = _start(live, "orphan", {"batch_size": 2})
+    wait_for(lambda: live.run_row(run.id).progress_done >= 2, 120, "the run to progress")
+    assert live.worker is not None
+    live.worker.signal(signal.SIGKILL)
+    live.worker.proc.wait(10)
+    assert live.run_row(run.id).status == "running"
+
+    live.start_worker(sole=True)  # no beat: only the start-up recovery can pick the run up
+    row = live.wait_status(run.id, FINISHED, timeout=120)
+    assert row.status == "succeeded", row.error or row.log_tail
+    assert row.attempts == 2 and "reaper: no heartbeat" in row.log_tail
+    _assert_k_responses_and_pairs(live, n_prompts=8, k=2)
+
+
+def test_a_run_whose_message_was_lost_is_sent_again(live: Stack) -> None:
+    """A queued run no message will ever deliver (its message was lost with a broker restart):
+    the next worker start sends it again, and so does the reaper once the queue is idle."""
+    live.project(n_prompts=2, slug="lost")
+    assert live.worker is not None
+    live.worker.stop()
+    with unit_of_work(live.database_url) as s:
+        project = projects.get_project(s, "lost")
+        # A broker that forgets: the message is "sent" and gone, as in a restarted broker.
+        lost = runs.create_run(
+            s, project, "generate", {}, settings=live.settings.model_copy(
+                update={"broker_url": "memory://"}
+            ),
+        )  # fmt: skip
+    live.start_worker()
+    assert live.wait_status(lost.id, FINISHED, timeout=60).status == "succeeded"
+
+    with unit_of_work(live.database_url) as s:
+        project = projects.get_project(s, "lost")
+        again = runs.create_run(
+            s, project, "generate", {}, settings=live.settings.model_copy(
+                update={"broker_url": "memory://"}
+            ),
+        )  # fmt: skip
+    with unit_of_work(live.database_url) as s:
+        assert runner.resend_waiting_runs(s, live.settings, older_than_s=60) == []  # too young
+        resent = runner.resend_waiting_runs(s, live.settings, older_than_s=0)
+    assert [r.id for r in resent] == [again.id]
+    done = live.wait_status(again.id, FINISHED, timeout=60)
+    assert done.status == "succeeded" and "its message was lost; sent again" in done.log_tail
