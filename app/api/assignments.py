@@ -136,6 +136,7 @@ def next_assignment(slug: str, call: RaterCallDep) -> Response:
     """Lease the next comparison (or return the one you already hold); 204 when none is left."""
     with call.open() as (session, user):
         assignment = assignment_service.next_assignment(session, slug, user)
+        session.commit()  # let go of the row locks before the answer is built
         if assignment is None:
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         return _json(AssignmentOut.of(assignment, slug))
@@ -150,7 +151,9 @@ def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) ->
     """Store your judgment. Sending the same body again returns the same stored judgment."""
     data = judgments.JudgmentInput(**body.model_dump())
     with call.open() as (session, user):
-        return _json(JudgmentOut.of(judgments.submit(session, assignment_id, user, data)))
+        judgment = judgments.submit(session, assignment_id, user, data)
+        session.commit()  # let go of the row locks before the answer is built
+        return _json(JudgmentOut.of(judgment))
 
 
 @router.post("/assignments/{assignment_id}/skip")

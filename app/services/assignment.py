@@ -40,7 +40,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased, contains_eager, joinedload, make_transient_to_detached
+from sqlalchemy.orm import (
+    Session,
+    SessionTransaction,
+    aliased,
+    contains_eager,
+    joinedload,
+    make_transient_to_detached,
+)
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app.models import (
@@ -329,9 +336,12 @@ def next_assignment(
     wait = False
     excluded: set[int] = set()
     for _ in range(MAX_CLAIM_TRIES):
-        # Each try in a savepoint: a candidate that filled up meanwhile is let go (rolling back
-        # to the savepoint releases its row lock) before the next one is locked.
-        attempt = session.begin_nested()
+        # A waiting try runs in a savepoint, so that a candidate that filled up meanwhile is let
+        # go (rolling back to the savepoint releases its row lock) before the next one is waited
+        # for. A SKIP LOCKED try needs none: a pair it found full stays locked until the call's
+        # transaction ends, which blocks nobody (other claims skip locked rows, and a waiting
+        # claim picks its candidate from committed rows, where that pair is full).
+        attempt = session.begin_nested() if wait else None
         try:
             if project_id is None or settings is None:
                 row = (
@@ -351,7 +361,7 @@ def next_assignment(
                 _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}
             )
             if current is not None:
-                attempt.commit()
+                _release(attempt)
                 return _get_with_content(session, current)
             pair = None
             # The kind drawn first, then the other, so "nothing left" means nothing at all.
@@ -362,7 +372,7 @@ def next_assignment(
                 if pair is not None:
                     break
             if pair is None:
-                attempt.commit()
+                _release(attempt)
                 if postgres and not wait:
                     # Every open pair may just be locked by other raters: look again, waiting
                     # this time (SKIP LOCKED found nothing, so it holds no pair lock).
@@ -397,21 +407,23 @@ def next_assignment(
             make_transient_to_detached(assignment)  # the row as inserted, now in the session
             session.add(assignment)
             set_committed_value(assignment, "pair", pair)  # loaded already, with its content
-            attempt.commit()
+            _release(attempt)
             return assignment
         except _Full as full:
-            attempt.rollback()
+            if attempt is not None:
+                attempt.rollback()
             excluded.add(full.pair_id)
         except IntegrityError as exc:
             # Unreachable while _LOCK_RATER serializes the rater's calls; kept as a clear
             # answer rather than a 500 if that ever changes.
-            attempt.rollback()
             raise Conflict("another request is assigning you work right now; try again") from exc
-        except BaseException:
-            attempt.rollback()
-            raise
     # Every try found its pair filled meanwhile: heavy contention at the end of the queue.
     raise Conflict("the queue is busy right now; try again in a moment")
+
+
+def _release(savepoint: SessionTransaction | None) -> None:
+    if savepoint is not None:
+        savepoint.commit()
 
 
 def get_own_assignment(

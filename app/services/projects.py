@@ -5,15 +5,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.kinds.registry import RUN_KINDS
 from app.models import Project
 from app.services import audit
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 
+# The run kind each loop config is the config of.
+LOOP_KINDS = {
+    "loop_reward_config": "reward",
+    "loop_ppo_config": "ppo",
+    "loop_evaluate_config": "evaluate",
+    "loop_generation_config": "generate",
+}
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}[a-z0-9]$|^[a-z0-9]$")
 
 
@@ -62,6 +70,24 @@ class ProjectSettings(BaseModel):
     loop_generation_config: dict[str, Any] = Field(
         default_factory=dict, description="config of the generation run after a promotion"
     )
+
+    @field_validator(
+        "loop_reward_config", "loop_ppo_config", "loop_evaluate_config", "loop_generation_config"
+    )
+    @classmethod
+    def _knobs_of_the_kind(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Each value is checked against its knob's definition now, not when the loop first
+        # queues the run; what depends on other knobs or on the database is checked then.
+        kind = RUN_KINDS[LOOP_KINDS[str(info.field_name)]]
+        blank = kind.config.model_construct()
+        for name, knob_value in value.items():
+            if name not in kind.config.model_fields:
+                raise ValueError(f"{name!r} is not a knob of {kind.name} runs")
+            try:
+                kind.config.__pydantic_validator__.validate_assignment(blank, name, knob_value)
+            except ValidationError as exc:
+                raise ValueError(f"{name}: {exc.errors()[0]['msg']}") from None
+        return value
 
 
 def project_settings(project: Project) -> ProjectSettings:

@@ -58,6 +58,50 @@ def test_invalid_slug_and_settings_are_422(client: TestClient, factory: Factory)
     assert factory.count(Project) == 0
 
 
+def test_loop_configs_are_checked_against_their_run_kinds_knobs(
+    client: TestClient, factory: Factory
+) -> None:
+    headers = bearer(factory.token(factory.user("admin")))
+    bad = client.post(
+        "/api/v1/projects",
+        headers=headers,
+        json={
+            "slug": "loopy",
+            "name": "Loopy",
+            "settings": {
+                "loop_ppo_config": {"total_steps": 0},
+                "loop_reward_config": {"train_mode": "half"},
+                "loop_generation_config": {"temprature": 0.5},
+            },
+        },
+    )
+    assert bad.status_code == 422
+    errors = {e["field"]: e["message"] for e in bad.json()["errors"]}
+    assert set(errors) == {
+        "settings.loop_ppo_config",
+        "settings.loop_reward_config",
+        "settings.loop_generation_config",
+    }
+    assert (
+        "total_steps: Input should be greater than or equal to 1"
+        in errors["settings.loop_ppo_config"]
+    )
+    assert (
+        "'temprature' is not a knob of generate runs" in errors["settings.loop_generation_config"]
+    )
+    assert factory.count(Project) == 0
+    good = client.post(
+        "/api/v1/projects",
+        headers=headers,
+        json={
+            "slug": "loopy",
+            "name": "Loopy",
+            "settings": {"loop_ppo_config": {"use_lora": True}},
+        },
+    )
+    assert good.status_code == 201, good.text
+
+
 def test_unknown_project_is_404(client: TestClient, factory: Factory) -> None:
     headers = bearer(factory.token(factory.user("rater")))
     assert client.get("/api/v1/projects/missing", headers=headers).status_code == 404

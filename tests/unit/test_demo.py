@@ -35,3 +35,15 @@ def test_every_queue_that_receives_work_has_a_demo_consumer(tmp_path: Path) -> N
     run_queues = {kind.queue for kind in RUN_KINDS.values()}
     assert periodic | run_queues <= consumed
     assert not periodic & run_queues  # no periodic check queues behind a model run
+
+
+def test_the_demo_workers_recover_what_a_stopped_demo_left(tmp_path: Path) -> None:
+    """Each demo worker is `verdict worker --sole`: the only worker of its queue, so at start it
+    requeues that queue's runs still marked running and resends its queued ones."""
+    settings = Settings(var_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'v.db'}")
+    workers = [c for c in demo_children(settings, "127.0.0.1", 8000) if "worker" in c.argv]
+    assert len(workers) == 2
+    for child in workers:
+        assert child.argv[1:4] == ["-m", "app.cli", "worker"] and "--sole" in child.argv
+    names = {child.argv[child.argv.index("--name") + 1] for child in workers}
+    assert len(names) == 2  # two workers on one host need different node names
