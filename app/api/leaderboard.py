@@ -11,26 +11,11 @@ from app.services import leaderboard
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
 
-class LeaderboardRow(BaseModel):
-    version_id: int
-    version: int
-    name: str
-    status: str
-    games: int
-    wins: int
-    losses: int
-    ties: int
-    win_rate: float
-    rating: float
-    ci_low: float
-    ci_high: float
-
-
 class LeaderboardOut(BaseModel):
     games: int
     bootstrap: int
     seed: int
-    versions: list[LeaderboardRow]
+    versions: list[leaderboard.Standing]
 
 
 @router.get("/projects/{slug}/leaderboard")

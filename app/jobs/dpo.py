@@ -13,7 +13,6 @@ from app.kinds.dpo import DPOConfig, DPOKnobs, DPORunConfig
 from app.kinds.knobs import knobs_of
 from app.ml.dpo import PreferencePair, train_dpo
 from app.ml.loading import pick_device
-from app.models import Project, Run
 from app.services import evaluation, loop, policy_runs, registry, snapshots
 from app.services.errors import InvalidInput
 from app.services.projects import project_settings
@@ -23,9 +22,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Snapshot → preference pairs → DPO from the active policy → candidate."""
     session, settings = ctx.session, ctx.settings
     config = ctx.config_as(DPORunConfig)
-    project = session.get(Project, ctx.project_id)
-    run_row = session.get(Run, ctx.run_id)
-    assert project is not None and run_row is not None
+    project, run_row = ctx.project(), ctx.run_row()
     ps = project_settings(project)
     snapshot, examples = snapshots.snapshot_for_run(
         session, project, run_row, config.snapshot_id, config.data

@@ -11,7 +11,6 @@ from app.kinds.evaluate import EvaluateRunConfig, EvaluationKnobs
 from app.kinds.knobs import knobs_of
 from app.ml.evaluation import evaluate_policy
 from app.ml.loading import pick_device
-from app.models import Project
 from app.services import evaluation, loop, registry
 from app.services.errors import Conflict, InvalidInput
 
@@ -20,8 +19,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Candidate vs parent on held-out prompts → candidate metrics → the loop's next step."""
     session, settings = ctx.session, ctx.settings
     config = ctx.config_as(EvaluateRunConfig)
-    project = session.get(Project, ctx.project_id)
-    assert project is not None
+    project = ctx.project()
     candidate = registry.get_version(session, config.model_version_id)
     assert candidate.parent_id is not None and candidate.artifact_path
     parent = registry.get_version(session, candidate.parent_id)

@@ -19,7 +19,7 @@ from app.kinds.generate import GenerateRunConfig, SamplingConfig
 from app.ml.generation import GeneratedResponse, generate_responses
 from app.ml.hooks import Cancelled, Hooks
 from app.ml.loading import LoadedModel, load_causal_lm
-from app.models import ModelVersion, Project
+from app.models import ModelVersion
 from app.services import registry
 from app.services.generation import PromptTodo, ResponseStore, prompts_needing_responses
 from app.services.projects import project_settings
@@ -28,8 +28,7 @@ from app.services.projects import project_settings
 def run(ctx: RunContext) -> dict[str, Any]:
     """Load the active policy, answer, store, pair."""
     session, settings, hooks = ctx.session, ctx.settings, ctx.hooks
-    project = session.get(Project, ctx.project_id)
-    assert project is not None, f"project {ctx.project_id} vanished"
+    project = ctx.project()
     cfg = ctx.config_as(GenerateRunConfig)
     ps = project_settings(project)
     policy = registry.active_policy(session, project, settings)

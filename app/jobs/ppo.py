@@ -13,7 +13,6 @@ from app.kinds.knobs import knobs_of
 from app.kinds.ppo import PPOConfig, PPOKnobs, PPORunConfig
 from app.ml.loading import pick_device
 from app.ml.ppo import train_ppo
-from app.models import Project, Run
 from app.services import evaluation, loop, policy_runs, registry
 from app.services.errors import InvalidInput
 from app.services.projects import project_settings
@@ -23,9 +22,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Active policy + reward model + training prompts → candidate."""
     session, settings = ctx.session, ctx.settings
     config = ctx.config_as(PPORunConfig)
-    project = session.get(Project, ctx.project_id)
-    run_row = session.get(Run, ctx.run_id)
-    assert project is not None and run_row is not None
+    project, run_row = ctx.project(), ctx.run_row()
     ps = project_settings(project)
     reward = policy_runs.reward_version(session, project, config.reward_model_id)
     assert reward.artifact_path

@@ -12,7 +12,6 @@ from app.kinds.reward import RewardConfig, RewardKnobs, RewardRunConfig
 from app.ml.loading import pick_device
 from app.ml.preferences import split_by_prompt
 from app.ml.reward import train_reward_model
-from app.models import Project, Run
 from app.services import loop, registry, reward_runs, snapshots
 from app.services.errors import InvalidInput
 
@@ -21,9 +20,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Snapshot, split, train, save, register the version, then the loop's next step."""
     session, settings = ctx.session, ctx.settings
     config = ctx.config_as(RewardRunConfig)
-    project = session.get(Project, ctx.project_id)
-    run_row = session.get(Run, ctx.run_id)
-    assert project is not None and run_row is not None
+    project, run_row = ctx.project(), ctx.run_row()
 
     snapshot, examples = snapshots.snapshot_for_run(
         session, project, run_row, config.snapshot_id, config.data

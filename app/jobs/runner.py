@@ -37,7 +37,7 @@ from app.core.config import Settings
 from app.core.db import after_commit, new_session
 from app.kinds.registry import RUN_KINDS, RunKind
 from app.ml.hooks import Cancelled
-from app.models import Run, RunMetric, utcnow
+from app.models import Project, Run, RunMetric, utcnow
 from app.services import audit
 from app.services.runs import (
     LOG_TAIL_LINES,
@@ -85,6 +85,18 @@ class RunContext:
         """Log `message` once the handler's session commits. For what is said while that
         session holds a write (on SQLite, the log's own write would wait for its lock)."""
         after_commit(self.session, lambda: self.log(message))
+
+    def project(self) -> Project:
+        """The run's project, read in the handler's session."""
+        project = self.session.get(Project, self.project_id)
+        assert project is not None, f"project {self.project_id} vanished"
+        return project
+
+    def run_row(self) -> Run:
+        """The run's own row, read in the handler's session (to record lineage on it)."""
+        run = self.session.get(Run, self.run_id)
+        assert run is not None
+        return run
 
     def config_as(self, model: type[C]) -> C:
         """The run's config as its kind's knob class."""
