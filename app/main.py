@@ -9,10 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import (
@@ -30,7 +32,9 @@ from app.api import (
 from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
 from app.services.errors import InvalidInput, ServiceError
-from app.web import auth, pages, rate
+from app.web import auth, console, pages, rate
+from app.web.console.common import LoginRequired
+from app.web.errors import error_page, wants_html
 
 CSP = "; ".join(
     [
@@ -128,11 +132,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware)
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        if wants_html(request):
+            return error_page(request, exc.status_code, exc.message)
         body: dict[str, object] = {"detail": exc.message}
         if isinstance(exc, InvalidInput):
             body["errors"] = [e.as_dict() for e in exc.errors]
         return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(exc.next_url, status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_html(request):
+            return error_page(request, exc.status_code, str(exc.detail))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in api_modules:
         app.include_router(module.router)
     app.include_router(auth.router)
+    app.include_router(console.router)
     app.include_router(pages.router)
     app.include_router(rate.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

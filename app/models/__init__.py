@@ -2,10 +2,10 @@
 
 from app.models.audit import AuditEvent
 from app.models.base import Base, utcnow
-from app.models.projects import ComparisonPair, Project, Prompt, Response
+from app.models.projects import ComparisonPair, Project, ProjectMember, Prompt, Response
 from app.models.rating import Assignment, Judgment
 from app.models.training import DatasetSnapshot, ModelVersion, Run, RunMetric
-from app.models.users import ApiToken, User
+from app.models.users import ApiToken, Invite, User
 
 __all__ = [
     "ApiToken",
@@ -14,9 +14,11 @@ __all__ = [
     "Base",
     "ComparisonPair",
     "DatasetSnapshot",
+    "Invite",
     "Judgment",
     "ModelVersion",
     "Project",
+    "ProjectMember",
     "Prompt",
     "Response",
     "Run",

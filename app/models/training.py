@@ -36,7 +36,9 @@ class Run(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     trigger: Mapped[str] = mapped_column(String(32), default="api")
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    parent_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    parent_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="SET NULL"), index=True
+    )
     snapshot_id: Mapped[int | None] = mapped_column(
         ForeignKey("dataset_snapshots.id", ondelete="SET NULL")
     )

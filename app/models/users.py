@@ -1,4 +1,4 @@
-"""People and programs that act on Verdict: users and their API tokens."""
+"""People and programs that act on Verdict: users, their API tokens, and invitations."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None]
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class Invite(Base):
+    """A single-use link that lets its holder create an account with a set role.
+
+    Only the SHA-256 of the link's secret is stored (the link is shown once, like a token).
+    """
+
+    __tablename__ = "invites"
+    __table_args__ = (CheckConstraint("role IN ('admin', 'reviewer', 'rater')", name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(200), default="")
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="SET NULL"))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    revoked_at: Mapped[datetime | None]

@@ -81,15 +81,23 @@ def content_hash(rows: list[_Row], config: SnapshotConfig) -> str:
 
 
 def usable_judgment_count(
-    session: Session, project: Project, config: SnapshotConfig, after_id: int = 0
+    session: Session,
+    project: Project,
+    config: SnapshotConfig,
+    after_id: int = 0,
+    *,
+    at_most: int | None = None,
 ) -> int:
-    """How many judgments with id > `after_id` a snapshot with this config would use."""
-    query = (
-        select(func.count(Judgment.id))
+    """How many judgments with id > `after_id` a snapshot with this config would use; with
+    `at_most`, counting stops there (the answer is then min(count, at_most))."""
+    usable = (
+        select(Judgment.id)
         .join(ComparisonPair, Judgment.pair_id == ComparisonPair.id)
         .where(Judgment.project_id == project.id, Judgment.id > after_id, *_usable_filter(config))
     )
-    return session.scalar(query) or 0
+    if at_most is not None:
+        usable = usable.limit(at_most)
+    return session.scalar(select(func.count()).select_from(usable.subquery())) or 0
 
 
 def latest_snapshot(session: Session, project: Project) -> DatasetSnapshot | None:

@@ -6,6 +6,7 @@ invariants on PostgreSQL are covered by the service and API tests.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from app.core.config import Settings
 from app.core.db import make_sessionmaker
 from app.main import create_app
 from tests.conftest import Factory, empty_all_tables, engine_for
+from tests.tiny_models import save_tiny_model
+from tests.workers.conftest import CeleryProcess, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -36,14 +39,14 @@ def _free_port() -> int:
 class LiveServer:
     url: str
     database_url: str
+    var_dir: Path
 
 
 @pytest.fixture(scope="session")
 def live_server(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    var_dir = tmp_path_factory.mktemp("live-var")
     settings = Settings(
-        database_url=sqlite_url,
-        var_dir=tmp_path_factory.mktemp("live-var"),
-        secret_key="browser-test-secret-" + "x" * 32,
+        database_url=sqlite_url, var_dir=var_dir, secret_key="browser-test-secret-" + "x" * 32
     )
     app = create_app(settings)
     port = _free_port()
@@ -57,7 +60,7 @@ def live_server(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the live server did not start")
         time.sleep(0.05)
-    yield LiveServer(url=f"http://127.0.0.1:{port}", database_url=sqlite_url)
+    yield LiveServer(url=f"http://127.0.0.1:{port}", database_url=sqlite_url, var_dir=var_dir)
     server.should_exit = True
     thread.join(timeout=10)
     app.state.engine.dispose()
@@ -98,3 +101,37 @@ def web_factory(live_server: LiveServer) -> Iterator[Factory]:
     yield Factory(session)
     session.close()
     empty_all_tables(live_server.database_url)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random causal LM (set it as a project's `base_policy`)."""
+    return save_tiny_model(tmp_path_factory.mktemp("web-tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def live_worker(live_server: LiveServer) -> Iterator[CeleryProcess]:
+    """A real worker for the live server (`verdict worker --sole`, both queues, the embedded
+    broker on SQLite), for pages that launch and follow runs."""
+    env = {
+        **os.environ,
+        "VERDICT_DATABASE_URL": live_server.database_url,
+        "VERDICT_VAR_DIR": str(live_server.var_dir),
+        "VERDICT_WORKER_HEARTBEAT_TIMEOUT_S": "5",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    worker = CeleryProcess.verdict(
+        ["worker", "-Q", "gpu,default", "--sole", "--name", "web@%h"],
+        env,
+        live_server.var_dir / "worker.log",
+    )
+    wait_for(
+        lambda: " ready." in worker.output() or not worker.alive(),
+        90,
+        "the browser tests' worker to be ready",
+        interval=0.2,
+    )
+    assert worker.alive(), worker.output()[-3000:]
+    yield worker
+    worker.stop()

@@ -67,6 +67,22 @@ class CeleryProcess:
             start_new_session=True,
         )
 
+    @classmethod
+    def verdict(cls, args: list[str], env: dict[str, str], log: Path) -> CeleryProcess:
+        """A `verdict ARGS` process (for instance `verdict worker --sole`), as users start it."""
+        process = cls.__new__(cls)
+        process.log = log
+        process._handle = log.open("ab")
+        process.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=ROOT_DIR,
+            env=env,
+            stdout=process._handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return process
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
