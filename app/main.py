@@ -32,7 +32,7 @@ from app.api import (
 from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
 from app.services.errors import InvalidInput, ServiceError
-from app.web import auth, console, pages, rate
+from app.web import account, auth, console, pages, rate
 from app.web.console.common import LoginRequired
 from app.web.errors import error_page, wants_html
 
@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(auth.router)
     app.include_router(console.router)
+    app.include_router(account.router)
     app.include_router(pages.router)
     app.include_router(rate.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.web.console import overview
+from app.web.console import data, models, overview, people, projects, training
 
 router = APIRouter()
-for module in (overview,):
+for module in (overview, projects, people, data, training, models):
     router.include_router(module.router)
