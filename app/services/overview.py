@@ -60,20 +60,31 @@ class ProjectState:
 
 
 def project_states(
-    session: Session, settings: Settings, *, now: datetime | None = None
+    session: Session,
+    settings: Settings,
+    *,
+    only: Project | None = None,
+    now: datetime | None = None,
 ) -> list[ProjectState]:
-    """Every project's state, in project order, with its attention items."""
+    """Every project's state (or only that of `only`), in project order, with its attention
+    items."""
     now = now or utcnow()
-    projects = list(session.scalars(select(Project).order_by(Project.id)))
+    projects = (
+        [only] if only is not None else list(session.scalars(select(Project).order_by(Project.id)))
+    )
     states = {p.id: ProjectState(project=p) for p in projects}
     if not states:
         return []
+    ids = list(states)
 
     for pid, n in session.execute(
-        select(Prompt.project_id, func.count()).group_by(Prompt.project_id)
+        select(Prompt.project_id, func.count())
+        .where(Prompt.project_id.in_(ids))
+        .group_by(Prompt.project_id)
     ):
         states[pid].prompts = n
     open_pairs = select(ComparisonPair.project_id, func.count()).where(
+        ComparisonPair.project_id.in_(ids),
         ComparisonPair.gold_choice.is_(None),
         ComparisonPair.judgment_count < ComparisonPair.required_judgments,
     )
@@ -82,11 +93,15 @@ def project_states(
     start_of_day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     for pid, n in session.execute(
         select(Judgment.project_id, func.count())
-        .where(Judgment.created_at >= start_of_day)
+        .where(Judgment.project_id.in_(ids), Judgment.created_at >= start_of_day)
         .group_by(Judgment.project_id)
     ):
         states[pid].judgments_today = n
-    for version in session.scalars(select(ModelVersion).where(ModelVersion.status == "active")):
+    for version in session.scalars(
+        select(ModelVersion).where(
+            ModelVersion.project_id.in_(ids), ModelVersion.status == "active"
+        )
+    ):
         state = states[version.project_id]
         if version.kind == "policy":
             state.active_policy = version
@@ -94,13 +109,13 @@ def project_states(
             state.active_reward = version
     for pid, last in session.execute(
         select(ModelVersion.project_id, func.max(ModelVersion.promoted_at))
-        .where(ModelVersion.version > 0)
+        .where(ModelVersion.project_id.in_(ids), ModelVersion.version > 0)
         .group_by(ModelVersion.project_id)
     ):
         states[pid].last_promotion = last
     for pid, status, n in session.execute(
         select(Run.project_id, Run.status, func.count())
-        .where(Run.status.in_(("queued", "running")))
+        .where(Run.project_id.in_(ids), Run.status.in_(("queued", "running")))
         .group_by(Run.project_id, Run.status)
     ):
         setattr(states[pid], status, n)
@@ -115,9 +130,9 @@ def _retrain_counts(session: Session, states: dict[int, ProjectState]) -> None:
     threshold so a project with a million judgments costs no more than one with a few."""
     last_ids = dict(
         session.execute(
-            select(DatasetSnapshot.project_id, func.max(DatasetSnapshot.max_judgment_id)).group_by(
-                DatasetSnapshot.project_id
-            )
+            select(DatasetSnapshot.project_id, func.max(DatasetSnapshot.max_judgment_id))
+            .where(DatasetSnapshot.project_id.in_(states))
+            .group_by(DatasetSnapshot.project_id)
         ).all()
     )
     for pid, state in states.items():
@@ -138,7 +153,11 @@ def _attention(
     to take them, and projects whose raters have nothing to judge."""
     for run in session.scalars(
         select(Run)
-        .where(Run.status == "failed", Run.finished_at >= now - RECENT_FAILURES)
+        .where(
+            Run.project_id.in_(states),
+            Run.status == "failed",
+            Run.finished_at >= now - RECENT_FAILURES,
+        )
         .order_by(Run.id.desc())
     ):
         states[run.project_id].attention.append(
@@ -151,7 +170,9 @@ def _attention(
     silent = now - timedelta(seconds=settings.worker_heartbeat_timeout_s)
     for run in session.scalars(
         select(Run).where(
-            Run.status == "running", or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < silent)
+            Run.project_id.in_(states),
+            Run.status == "running",
+            or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < silent),
         )
     ):
         states[run.project_id].attention.append(
@@ -186,3 +207,9 @@ def _attention(
 def _first_line(text: str | None) -> str:
     line = (text or "no error recorded").strip().splitlines()[0]
     return line if len(line) <= 160 else line[:157] + "..."
+
+
+def project_state(session: Session, settings: Settings, project: Project) -> ProjectState:
+    """One project's state, as the overview shows it."""
+    (state,) = project_states(session, settings, only=project)
+    return state

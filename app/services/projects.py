@@ -10,6 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.kinds.generate import SamplingConfig
+from app.kinds.knobs import same_knob
 from app.kinds.registry import RUN_KINDS
 from app.models import Project
 from app.services import audit
@@ -38,10 +40,11 @@ class ProjectSettings(BaseModel):
     )
     require_rationale: bool = Field(False, description="raters must explain each judgment")
     gold_rate: float = Field(0.1, ge=0.0, le=1.0, description="share of gold pairs served")
-    responses_per_prompt: int = Field(2, ge=2, le=8, description="K responses generated")
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(128, ge=1, le=4096)
+    # The generation settings are the sampling knobs' own definitions (app.kinds.generate).
+    responses_per_prompt: int = same_knob(SamplingConfig, "num_responses", ge=2, le=8)
+    temperature: float = same_knob(SamplingConfig, "temperature")
+    top_p: float = same_knob(SamplingConfig, "top_p")
+    max_new_tokens: int = same_knob(SamplingConfig, "max_new_tokens")
     auto_generate: bool = Field(True, description="queue a generation run after an upload")
     version_eval_rate: float = Field(
         0.25, ge=0.0, le=1.0, description="share of new-vs-previous policy pairs when generating"
@@ -51,9 +54,18 @@ class ProjectSettings(BaseModel):
         200, ge=1, description="new usable judgments that trigger a reward-model run"
     )
     auto_mode: bool = Field(False, description="reward run -> PPO -> evaluate -> promote")
-    min_reward_accuracy: float = Field(0.6, ge=0.0, le=1.0)
-    promote_min_score_gain: float = Field(0.0)
-    promote_max_kl: float = Field(10.0, ge=0.0)
+    min_reward_accuracy: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="auto mode: a reward model below this validation accuracy starts no PPO run",
+    )
+    promote_min_score_gain: float = Field(
+        0.0, description="promotion rule: the candidate's reward gain over its parent, at least"
+    )
+    promote_max_kl: float = Field(
+        10.0, ge=0.0, description="promotion rule: the candidate's KL to its parent, at most"
+    )
     heldout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="share of prompts reserved for policy evaluation"
     )

@@ -48,7 +48,10 @@ class Browser:
                 follow_redirects=False,
             )
             assert done.status_code == 303, done.text
-            self.csrf = token[1]
+            # Login starts a new session with a new CSRF token: read it from a page.
+            meta = CSRF_META.search(client.get("/").text)
+            assert meta is not None
+            self.csrf = meta[1]
 
     def get(self, path: str, **kwargs: object) -> object:
         return self.client.get(path, headers={"accept": "text/html"}, **kwargs)  # type: ignore[arg-type]

@@ -87,7 +87,7 @@ def fields(
         out.append(
             FormField(
                 name=full,
-                label=name.replace("_", " "),
+                label=label_of(name),
                 widget=widget,
                 help=row["help"],
                 value=_shown(value, widget),
@@ -127,6 +127,14 @@ def parse(form: FormData, model: type[BaseModel], *, prefix: str = "") -> dict[s
             continue
         out[name] = _typed(raw, kind, bool(row["choices"]))
     return out
+
+
+def label_of(name: str) -> str:
+    """A knob's name as a label: `lease_ttl_s` -> "lease ttl (s)", `max_new_tokens` -> "max new
+    tokens"."""
+    words = name.split("_")
+    unit = {"s": "(s)", "ms": "(ms)"}.get(words[-1]) if len(words) > 1 else None
+    return " ".join(words[:-1] + [unit] if unit else words)
 
 
 def _typed(raw: str, kind: str, choice: bool) -> Any:
