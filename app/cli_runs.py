@@ -246,52 +246,42 @@ def cancel_run(run_id: Annotated[int, typer.Argument(help="run id")]) -> None:
         typer.echo(f"run {run.id}: {run.status}{stopping}")
 
 
+def clock(seconds: float | None) -> str:
+    """A duration as h:mm:ss ("0:03:07"); "-" when unknown (the shell's plain dash)."""
+    from app.services.runs import format_duration
+
+    return format_duration(seconds, unknown="-")
+
+
+def _elapsed(run: Run) -> float | None:
+    from app.services.runs import elapsed_seconds
+
+    return elapsed_seconds(run)
+
+
 @runs_app.command("watch")
 def watch_run(
     run_id: Annotated[int, typer.Argument(help="run id")],
     interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
 ) -> None:
-    """Show a live progress bar until the run ends; exit 0 only if it succeeded."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
+    """Follow a run until it ends: a live progress bar on a terminal, else one line per change
+    of progress (for logs and pipes); exit 0 only if it succeeded."""
     from app.core.db import unit_of_work
     from app.services import runs
 
     require_database()  # once; the polls below open plain sessions
-    columns = (
-        TextColumn("[bold]run {task.fields[run_id]}[/] {task.fields[status]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[eta]} {task.fields[line]}"),
-    )
-    last_line = ""
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("run", total=None, run_id=run_id, status="", eta="", line="")
+    # A live bar only where it can redraw itself; a pipe or a file gets lines, since rich
+    # writes nothing of a live display to a stream that is not interactive until it stops.
+    follow = _BarFollower(run_id) if err.is_interactive else _LineFollower(run_id)
+    with follow:
         while True:
             with unit_of_work() as session:
                 try:
                     run = runs.get_run(session, run_id)
                 except ServiceError as exc:
-                    bar.stop()
+                    follow.close()
                     _fail(exc)
-                eta = runs.eta_seconds(run)
-                lines = [line for line in run.log_tail.splitlines() if line]
-                last_line = lines[-1] if lines else ""
-                bar.update(
-                    task,
-                    completed=run.progress_done,
-                    total=run.progress_total,
-                    status=f"[{STATUS_STYLE.get(run.status, '')}]{run.status}[/]",
-                    eta=f"eta {eta:.0f}s" if eta is not None else "",
-                    line=last_line[:80],
-                )
+                follow.show(run, runs.eta_seconds(run))
                 status, error, result = run.status, run.error, run.result
             if runs.is_finished(run):
                 break
@@ -301,6 +291,77 @@ def watch_run(
     if result:
         out.print(json.dumps(result, indent=2, default=str), highlight=False)
     raise typer.Exit(0 if status == "succeeded" else 1)
+
+
+class _LineFollower:
+    """One plain line on stderr each time the run's status or progress changes:
+    `run 12 running 3/10 elapsed 0:00:41 eta 0:01:36`."""
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.last: tuple[str, int, int | None] | None = None
+
+    def __enter__(self) -> _LineFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def show(self, run: Run, eta: float | None) -> None:
+        state = (run.status, run.progress_done, run.progress_total)
+        if state == self.last:
+            return
+        self.last = state
+        line = (
+            f"run {self.run_id} {run.status} {_progress_text(run)}"
+            f" elapsed {clock(_elapsed(run))} eta {clock(eta)}"
+        )
+        typer.echo(line, err=True)  # click flushes: a pipe's reader sees each line at once
+
+
+class _BarFollower:
+    """A rich progress bar on the terminal, with the run's elapsed time and ETA."""
+
+    def __init__(self, run_id: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]run {task.fields[run_id]}[/] {task.fields[status]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[elapsed]}"),
+            TextColumn("{task.fields[eta]} {task.fields[line]}"),
+            console=err,
+            transient=False,
+        )
+        self.task = self.bar.add_task(
+            "run", total=None, run_id=run_id, status="", elapsed="", eta="", line=""
+        )
+
+    def __enter__(self) -> _BarFollower:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bar.stop()
+
+    def show(self, run: Run, eta: float | None) -> None:
+        lines = [line for line in run.log_tail.splitlines() if line]
+        self.bar.update(
+            self.task,
+            completed=run.progress_done,
+            total=run.progress_total,
+            status=f"[{STATUS_STYLE.get(run.status, '')}]{run.status}[/]",
+            elapsed=clock(_elapsed(run)),
+            eta=f"eta {clock(eta)}" if eta is not None else "",
+            line=escape((lines[-1] if lines else "")[:80]),
+        )
 
 
 def worker(

@@ -242,10 +242,11 @@ def run_demo(host: str, port: int) -> None:
     run = queue_demo_generation(settings)
 
     print()
-    print(f"  Verdict demo: http://{host}:{port}/")
+    print(f"  Verdict demo: http://{host}:{port}/   (the console: http://{host}:{port}/admin)")
     print(f"  admin email:  {DEMO_ADMIN_EMAIL}")
     if password:
-        print(f"  password:     {password}   (shown once; change it with `verdict user password`)")
+        print(f"  password:     {password}   (shown once)")
+        print(f"  change it:    verdict user password --email {DEMO_ADMIN_EMAIL}")
     else:
         print(
             "  password:     printed at the first start; reset: "

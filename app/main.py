@@ -151,7 +151,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if wants_html(request):
+            where = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'][1:]) or 'the request'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            return error_page(request, 422, f"This address has a value that does not fit: {where}.")
         errors = [
             {
                 "line": None,
@@ -180,15 +186,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _add_run_kind_schemas(app: FastAPI) -> None:
     """Put every launchable run kind's config schema into the OpenAPI components, where the
-    `POST /projects/{slug}/runs` body (`app.api.runs.CREATE_BODY_DOC`) refers to them."""
+    `POST /projects/{slug}/runs` body (`app.api.runs.CREATE_BODY_DOC`) refers to them, and
+    declare the bearer token every API route accepts (so /docs can send one)."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = base()
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                runs.kind_schemas()
-            )
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(runs.kind_schemas())
+            components["securitySchemes"] = {
+                "token": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token: `verdict token create`, or /account/tokens."
+                    " Without one, a logged-in browser session works too.",
+                }
+            }
+            schema["security"] = [{"token": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

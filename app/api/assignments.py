@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import AdminUser, RaterCallDep, SessionDep, require
 from app.models import Assignment, Judgment, User
+from app.models import Response as ResponseRow
 from app.services import assignment as assignment_service
 from app.services import judgments, permissions
 from app.services.prompts import prompt_messages
@@ -22,6 +23,13 @@ Rater = Annotated[User, Depends(require(permissions.can_rate, "rate comparisons"
 class ResponseOut(BaseModel):
     id: int
     text: str
+    truncated: bool = Field(
+        False, description="the model was cut off at the token limit before it finished"
+    )
+
+    @classmethod
+    def of(cls, response: ResponseRow) -> ResponseOut:
+        return cls(id=response.id, text=response.text, truncated=response.truncated)
 
 
 class PromptOut(BaseModel):
@@ -53,8 +61,8 @@ class AssignmentOut(BaseModel):
             pair_id=pair.id,
             project=slug,
             prompt=PromptOut(id=pair.prompt.id, messages=prompt_messages(pair.prompt)),
-            response_a=ResponseOut(id=pair.response_a.id, text=pair.response_a.text),
-            response_b=ResponseOut(id=pair.response_b.id, text=pair.response_b.text),
+            response_a=ResponseOut.of(pair.response_a),
+            response_b=ResponseOut.of(pair.response_b),
             shown_left=assignment.shown_left,
             leased_at=assignment.leased_at,
             expires_at=assignment.expires_at,

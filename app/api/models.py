@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +17,6 @@ from app.core.config import Settings
 from app.kinds.interactive import SampleRequest, ScoreRequest
 from app.models import ModelVersion, Project, Run, User
 from app.services import interactive, loop, promotion, registry, runs
-from app.services.errors import Conflict
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
 
@@ -172,41 +172,60 @@ def rollback(
     return _change(session, settings, version, body, previous)
 
 
+class RunPending(BaseModel):
+    """The answer of an interactive call that outlived its `timeout_s`: the run is still queued
+    or running and will finish; read its `result` at `follow`."""
+
+    run_id: int
+    status: str
+    follow: str = Field(description="where the run's status and, once it succeeded, `result` are")
+
+
 def _run_and_wait(
     session: Session,
     version: ModelVersion,
-    kind: str,
+    kind: Literal["sample", "score"],
     config: dict[str, Any],
     *,
     settings: Settings,
     user: User,
     timeout_s: float,
-) -> dict[str, Any]:
+) -> dict[str, Any] | RunPending:
     """Queue a `score` or `sample` run for `version`, wait for a worker to finish it, and
-    return its result; 503 (the run cancelled) when none does within `timeout_s`."""
+    return its result; the run to follow when none finishes it within `timeout_s`.
+
+    The run is left alone on a timeout: a worker busy with a training run answers it later, and
+    cancelling it would throw away what a worker may be in the middle of."""
     project = session.get(Project, version.project_id)
     assert project is not None
-    run = runs.create_run(
-        session, project, kind, {**config, "model_version_id": version.id}, settings=settings,
-        actor_id=user.id, trigger="api",
+    run = interactive.queue_run(
+        session, project, kind, version.id, config, settings=settings, actor_id=user.id,
+        trigger="api",
     )  # fmt: skip
-    session.commit()  # sends the task; the wait below holds no transaction
-    done = interactive.wait_for_run(session, run.id, timeout_s)
+    run_id = run.id
+    session.commit()  # sends the task (503 when the broker refuses it); the wait holds nothing
+    done = interactive.wait_for_run(session, run_id, timeout_s)
     if done is None:
-        try:
-            runs.cancel_run(session, run, settings=settings, actor_id=user.id)
-            session.commit()
-        except Conflict:  # it finished just now
-            session.rollback()
-            done = runs.get_run(session, run.id)
-        if done is None:
-            raise interactive.busy(run, timeout_s)
+        current = runs.get_run(session, run_id)
+        return RunPending(run_id=run_id, status=current.status, follow=f"/api/v1/runs/{run_id}")
     return interactive.result_of(done)
 
 
-@router.post(
-    "/models/{version_id}/score", responses={503: {"description": "no worker answered in time"}}
-)
+def _pending(outcome: RunPending) -> JSONResponse:
+    return JSONResponse(outcome.model_dump(), status_code=202, headers={"Location": outcome.follow})
+
+
+PENDING: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": RunPending,
+        "description": "no worker finished within `timeout_s`: the run stays queued; follow it"
+        " at `Location` (`GET /api/v1/runs/{id}`, its `result` once it succeeded)",
+    },
+    503: {"description": "the broker refused the run's task"},
+}
+
+
+@router.post("/models/{version_id}/score", response_model=ScoreOut, responses=PENDING)
 async def score(
     version_id: int,
     body: ScoreRequest,
@@ -214,21 +233,22 @@ async def score(
     settings: SettingsDep,
     user: DataReader,
     timeout_s: float = Query(60.0, gt=0, le=600),
-) -> ScoreOut:
+) -> ScoreOut | JSONResponse:
     """Rewards of one or more responses to a prompt under a reward model version.
 
-    The scoring runs on a model worker (the web process never loads a model) as a `score` run."""
+    The scoring runs on a model worker (the web process never loads a model) as a `score` run;
+    past `timeout_s` the answer is 202 with the run to follow."""
     version = registry.get_version(session, version_id)
-    result = await run_in_threadpool(
+    outcome = await run_in_threadpool(
         _run_and_wait, session, version, "score", body.model_dump(), settings=settings,
         user=user, timeout_s=timeout_s,
     )  # fmt: skip
-    return ScoreOut(**result)
+    if isinstance(outcome, RunPending):
+        return _pending(outcome)
+    return ScoreOut(**outcome)
 
 
-@router.post(
-    "/models/{version_id}/generate", responses={503: {"description": "no worker answered in time"}}
-)
+@router.post("/models/{version_id}/generate", response_model=GenerateOut, responses=PENDING)
 async def generate(
     version_id: int,
     body: SampleRequest,
@@ -236,11 +256,14 @@ async def generate(
     settings: SettingsDep,
     user: DataReader,
     timeout_s: float = Query(120.0, gt=0, le=600),
-) -> GenerateOut:
-    """Answer a prompt with any policy version (a playground), on a model worker."""
+) -> GenerateOut | JSONResponse:
+    """Answer a prompt with any policy version (a playground), on a model worker; past
+    `timeout_s` the answer is 202 with the run to follow."""
     version = registry.get_version(session, version_id)
-    result = await run_in_threadpool(
+    outcome = await run_in_threadpool(
         _run_and_wait, session, version, "sample", body.model_dump(), settings=settings,
         user=user, timeout_s=timeout_s,
     )  # fmt: skip
-    return GenerateOut(**result)
+    if isinstance(outcome, RunPending):
+        return _pending(outcome)
+    return GenerateOut(**outcome)

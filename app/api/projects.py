@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import AdminUser, CurrentUser, ProjectDep, SessionDep
 from app.models import Project
-from app.services import projects
+from app.services import projects, staffing
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
@@ -58,7 +58,9 @@ def create_project(body: ProjectCreate, session: SessionDep, user: AdminUser) ->
 
 @router.get("")
 def list_projects(session: SessionDep, user: CurrentUser) -> list[ProjectOut]:
-    return [ProjectOut.of(p) for p in projects.list_projects(session)]
+    """The projects you can work on: every one for admins and reviewers; for a rater, the
+    projects open to every rater and those they are staffed on."""
+    return [ProjectOut.of(p) for p in staffing.rateable_projects(session, user)]
 
 
 @router.get("/{slug}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import threading
 import traceback
 from collections import deque
@@ -270,10 +271,16 @@ class RunHooks:
         self._write(values)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        # A diverged loss (NaN, inf) is said in the log rather than stored: SQLite keeps NaN as
+        # NULL, which the table refuses, and a chart has nothing to draw for it anyway.
+        finite = {name: float(v) for name, v in values.items() if math.isfinite(float(v))}
+        if len(finite) < len(values):
+            dropped = sorted(set(values) - set(finite))
+            self.log(f"step {step}: not a finite number, not recorded: {', '.join(dropped)}")
         with new_session(self.database_url) as s:
             s.add_all(
-                RunMetric(run_id=self.run_id, step=step, name=name, value=float(value))
-                for name, value in values.items()
+                RunMetric(run_id=self.run_id, step=step, name=name, value=value)
+                for name, value in finite.items()
             )
             s.commit()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, JSONType, utcnow
@@ -57,6 +57,14 @@ class Judgment(Base):
         CheckConstraint("shown_left IS NULL OR shown_left IN ('a', 'b')", name="shown_left"),
         CheckConstraint("rater_id IS NOT NULL OR source <> 'rater'", name="rater_source"),
         Index("ix_judgments_project_created", "project_id", "created_at"),
+        # Flagged judgments are rare: the console's "flagged" filter reads only them. The
+        # predicates are the ones app.services.browse writes, so each planner can use it.
+        Index(
+            "ix_judgments_flagged_pair",
+            "pair_id",
+            postgresql_where=text("flags <> '[]'::jsonb"),
+            sqlite_where=text("json_array_length(flags) > 0"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -60,8 +60,10 @@ from app.models import (
     utcnow,
 )
 from app.models.base import UTCDateTime
+from app.services import permissions, staffing
 from app.services.errors import Conflict, InvalidInput, NotFound
 from app.services.projects import ProjectSettings, project_settings
+from app.services.staffing import open_to
 
 _T = TypeVar("_T")
 
@@ -145,13 +147,20 @@ _PAIR_WITH_CONTENT = (
 
 # Serializes one rater's own `next` calls (two tabs, a double click): without it two calls
 # could each find no live lease and each lease a different pair. FOR NO KEY UPDATE does not
-# block the key-share locks that inserting rows referencing the user takes.
-_LOCK_RATER = select(User.id).where(User.id == _RATER).with_for_update(key_share=True)
+# block the key-share locks that inserting rows referencing the user takes. The statement also
+# answers whether the project's staffing lets the rater in (`staffing.open_to`, two index
+# probes of project_members, which it does not lock), so staffing costs no round trip.
+_LOCK_RATER = (
+    select(open_to(_PROJECT, User.id).label("open"))
+    .where(User.id == _RATER)
+    .with_for_update(of=User, key_share=True)
+)
 
-# The same lock, also reading the project by its slug: the API's `next` names the project by
-# slug, and one statement instead of two is a round trip and a statement's CPU less per call.
+# The same lock and staffing answer, also reading the project by its slug: the API's `next`
+# names the project by slug, and one statement instead of two is a round trip and a
+# statement's CPU less per call.
 _LOCK_RATER_IN_PROJECT = (
-    select(Project.id, Project.settings)
+    select(Project.id, Project.settings, open_to(Project.id, User.id).label("open"))
     .join(User, User.id == _RATER)
     .where(Project.slug == bindparam("slug", type_=String))
     .with_for_update(of=User, key_share=True)
@@ -317,7 +326,9 @@ def next_assignment(
     """The rater's next comparison in `project`, leased to them; None when nothing is left.
 
     `project` is the project or its slug (NotFound if there is none; the API's `next`, which
-    then needs no statement of its own to find the project).
+    then needs no statement of its own to find the project). A rater who is not on the staff of
+    a staffed project gets PermissionDenied, also for a lease taken before they were removed
+    (`services/staffing.py`; checked by the statement that locks the rater).
 
     A rater who still holds a live lease in the project gets that same assignment back, so
     reloading the page or calling the API twice never hoards pairs. Otherwise a pair is chosen
@@ -351,11 +362,17 @@ def next_assignment(
                 )
                 if row is None:
                     raise NotFound(f"project {project!r} not found")
+                if not row.open and not permissions.rates_unstaffed(rater):
+                    raise staffing.not_staffed(project)
                 project_id = row.id
                 settings = ProjectSettings.model_validate(row.settings or {})
                 want_gold = rng.random() < settings.gold_rate
             else:
-                session.execute(_LOCK_RATER, {"rater_id": rater.id})
+                open_ = session.connection().scalar(
+                    _LOCK_RATER, {"rater_id": rater.id, "project_id": project_id}
+                )
+                if not open_ and not permissions.rates_unstaffed(rater):
+                    raise staffing.not_staffed(project)
             # On the session's connection: a plain id, so none of the ORM's result handling.
             current = session.connection().scalar(
                 _CURRENT_LEASE, {"rater_id": rater.id, "project_id": project_id, "now": now}

@@ -105,6 +105,21 @@ def queue_generation_after_upload(
     )
 
 
+def active_generation(session: Session, project: Project) -> Run | None:
+    """The project's generation run that is running (else the oldest queued one), if any: what
+    the rater page tells raters who have nothing to judge while answers are being written."""
+    return session.scalar(
+        select(Run)
+        .where(
+            Run.project_id == project.id,
+            Run.kind == "generate",
+            Run.status.in_(("queued", "running")),
+        )
+        .order_by((Run.status == "running").desc(), Run.id)
+        .limit(1)
+    )
+
+
 # --- what a generation run works on, and how its answers are stored ---------------------------
 
 

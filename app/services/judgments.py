@@ -19,10 +19,11 @@ from sqlalchemy.orm.attributes import set_committed_value
 from app.models import Assignment, ComparisonPair, Judgment, Project, User, utcnow
 from app.models.base import UTCDateTime
 from app.models.projects import CHOICES
-from app.services import audit
+from app.services import audit, permissions, staffing
 from app.services.assignment import is_live
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.services.projects import ProjectSettings
+from app.services.staffing import open_to
 
 FLAGS = ("unsafe", "personal_data", "broken")
 ASPECT_VALUES = ("a", "b", "tie")
@@ -173,8 +174,14 @@ def _existing(session: Session, assignment_id: int) -> Judgment | None:
 
 
 # Built once: a submit runs these on every call (see app/services/assignment.py on why).
+# With the assignment, its project's settings and whether the project's staffing still lets
+# its rater in (`staffing.open_to`: a rater taken off the staff while holding a lease).
 _LOCK_ASSIGNMENT = (
-    select(Assignment, Project.settings)
+    select(
+        Assignment,
+        Project.settings,
+        open_to(Assignment.project_id, Assignment.rater_id).label("open"),
+    )
     .join(Project, Project.id == Assignment.project_id)
     .where(Assignment.id == bindparam("assignment_id", type_=Integer))
     .with_for_update(of=Assignment)
@@ -214,15 +221,16 @@ _MARK_SUBMITTED = (
 
 def _lock_own_assignment(
     session: Session, assignment_id: int, rater: User
-) -> tuple[Assignment, ProjectSettings]:
-    """The rater's assignment, row-locked, with its project's settings (one statement).
+) -> tuple[Assignment, ProjectSettings, bool]:
+    """The rater's assignment, row-locked, with its project's settings and whether its staffing
+    lets the rater in (one statement).
 
     NotFound for anyone else's.
     """
     row = session.execute(_LOCK_ASSIGNMENT, {"assignment_id": assignment_id}).first()
     if row is None or row[0].rater_id != rater.id:
         raise NotFound(f"assignment {assignment_id} not found")
-    return row[0], ProjectSettings.model_validate(row[1] or {})
+    return row[0], ProjectSettings.model_validate(row[1] or {}), bool(row[2])
 
 
 def _count_judgment(session: Session, pair_id: int) -> str | None:
@@ -247,10 +255,11 @@ def submit(
     first of all for a late submit) keeps `judgment_count` exact and makes the "still needs
     judgments" check of a late submit race-free. A submit after the lease ran out is stored if
     the pair still has a free place (judgments plus other raters' live leases below
-    `required_judgments`; gold pairs always); otherwise Conflict.
+    `required_judgments`; gold pairs always); otherwise Conflict. A rater taken off the staff
+    of the project since the lease gets PermissionDenied (`services/staffing.py`).
     """
     now = now or utcnow()
-    assignment, settings = _lock_own_assignment(session, assignment_id, rater)
+    assignment, settings, staffed_in = _lock_own_assignment(session, assignment_id, rater)
     clean = validate(data, settings)
     if assignment.status == "submitted":
         # Only a submit stores a judgment with an assignment, and it marks the assignment
@@ -259,6 +268,10 @@ def submit(
         existing = _existing(session, assignment.id)
         if existing is not None:
             return _replay(existing, clean)
+    # After the replay: a retry of a judgment stored before the rater left the staff still
+    # gets its judgment back; a new one is refused.
+    if not staffed_in and not permissions.rates_unstaffed(rater):
+        raise staffing.not_staffed()
     if assignment.status == "skipped":
         raise Conflict("you skipped this comparison; a skipped comparison cannot be judged")
     live = assignment.status == "leased" and assignment.expires_at > now

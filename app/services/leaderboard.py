@@ -11,21 +11,28 @@ better and is left out. From the games:
   public chatbot leaderboards show theirs);
 * 95 % intervals from a seeded bootstrap over games (percentiles 2.5 and 97.5 of the refitted
   ratings).
+
+Games are exchangeable, so everything is computed from their counts per (first, second, score)
+— one grouped query, a few rows per pair of versions — and a bootstrap round is a multinomial
+draw of those counts. The counts of settled judgments are kept per project in the process
+(`version_game_counts`), so the console's versions page does not re-read every judgment.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, aliased, load_only
 
-from app.models import ComparisonPair, Judgment, ModelVersion, Project, Response
+from app.models import ComparisonPair, Judgment, ModelVersion, Project, Response, utcnow
 
 SCALE = 400.0 / math.log(10.0)
 BASE_RATING = 1000.0
@@ -57,6 +64,58 @@ class Standing:
     ci_high: float
 
 
+@dataclass(frozen=True)
+class Cells:
+    """Games grouped by (first, second, score): the leaderboard's sufficient statistics.
+
+    Games are exchangeable, so a fit over the cells with their counts as weights is the fit over
+    the games, and resampling games with replacement is a multinomial draw of cell counts: the
+    work of a fit and of each bootstrap round grows with the number of version pairs, not with
+    the number of judgments."""
+
+    first: np.ndarray  # player index of each cell's first version
+    second: np.ndarray
+    score: np.ndarray
+    count: np.ndarray
+
+    @property
+    def games(self) -> int:
+        return int(self.count.sum())
+
+
+def _cells(counts: Iterable[tuple[int, int, float, int]], index: dict[int, int]) -> Cells:
+    rows = [(index[a], index[b], s, n) for a, b, s, n in counts if n > 0]
+    return Cells(
+        first=np.array([r[0] for r in rows], dtype=int),
+        second=np.array([r[1] for r in rows], dtype=int),
+        score=np.array([r[2] for r in rows], dtype=float),
+        count=np.array([r[3] for r in rows], dtype=float),
+    )
+
+
+def _fit(cells: Cells, weight: np.ndarray, n: int, l2: float, iterations: int) -> np.ndarray:
+    """Newton's method on Σ w·(s·log σ(Δ) + (1 − s)·log σ(−Δ)) − λ/2·Σθ² (θ mean-centred)."""
+    theta = np.zeros(n)
+    first, second = cells.first, cells.second
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(theta[first] - theta[second])))
+        residual = weight * (cells.score - p)
+        grad = -l2 * theta
+        np.add.at(grad, first, residual)
+        np.add.at(grad, second, -residual)
+        curvature = weight * p * (1.0 - p)
+        hess = -l2 * np.eye(n)
+        np.add.at(hess, (first, first), -curvature)
+        np.add.at(hess, (second, second), -curvature)
+        np.add.at(hess, (first, second), curvature)
+        np.add.at(hess, (second, first), curvature)
+        step = np.linalg.solve(hess, grad)
+        theta = theta - step
+        if float(np.max(np.abs(step))) < 1e-10:
+            break
+    return theta - theta.mean()
+
+
 def fit_bradley_terry(
     games: Sequence[Game], players: Sequence[int], l2: float = 0.01, iterations: int = 50
 ) -> dict[int, float]:
@@ -64,37 +123,22 @@ def fit_bradley_terry(
 
     Newton's method on the penalised log-likelihood Σ s·log σ(Δ) + (1 − s)·log σ(−Δ) − λ/2·Σθ²;
     the problem is concave, so a few iterations converge from θ = 0."""
-    index = {p: i for i, p in enumerate(players)}
-    n = len(players)
-    theta = np.zeros(n)
-    if n == 0:
+    if not players:
         return {}
-    first = np.array([index[g.first] for g in games], dtype=int)
-    second = np.array([index[g.second] for g in games], dtype=int)
-    score = np.array([g.score for g in games], dtype=float)
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(theta[first] - theta[second])))
-        residual = score - p
-        grad = -l2 * theta
-        np.add.at(grad, first, residual)
-        np.add.at(grad, second, -residual)
-        weight = p * (1.0 - p)
-        hess = -l2 * np.eye(n)
-        np.add.at(hess, (first, first), -weight)
-        np.add.at(hess, (second, second), -weight)
-        np.add.at(hess, (first, second), weight)
-        np.add.at(hess, (second, first), weight)
-        step = np.linalg.solve(hess, grad)
-        theta = theta - step
-        if float(np.max(np.abs(step))) < 1e-10:
-            break
-    theta = theta - theta.mean()
+    index = {p: i for i, p in enumerate(players)}
+    cells = _cells(_tally(games), index)
+    theta = _fit(cells, cells.count, len(players), l2, iterations)
     return {p: float(theta[index[p]]) for p in players}
 
 
 def to_rating(theta: float) -> float:
     """A Bradley–Terry strength on the Elo scale (400 points = 10:1 odds)."""
     return BASE_RATING + SCALE * theta
+
+
+def _tally(games: Iterable[Game]) -> list[tuple[int, int, float, int]]:
+    grouped = Counter((g.first, g.second, g.score) for g in games)
+    return [(a, b, s, n) for (a, b, s), n in grouped.items()]
 
 
 def standings(
@@ -107,32 +151,49 @@ def standings(
 ) -> list[Standing]:
     """Win rates, ratings and bootstrap 95 % intervals of every version that played, best
     first. Deterministic for a given seed."""
-    players = sorted({g.first for g in games} | {g.second for g in games})
+    return standings_of_counts(_tally(games), versions, bootstrap=bootstrap, seed=seed, l2=l2)
+
+
+def standings_of_counts(
+    counts: Sequence[tuple[int, int, float, int]],
+    versions: dict[int, ModelVersion] | None = None,
+    *,
+    bootstrap: int = 200,
+    seed: int = 0,
+    l2: float = 0.01,
+) -> list[Standing]:
+    """`standings` from games already counted per (first, second, score) — what
+    `version_game_counts` reads with one grouped query. Deterministic for a given seed."""
+    players = sorted({c[0] for c in counts if c[3] > 0} | {c[1] for c in counts if c[3] > 0})
     if not players:
         return []
-    point = fit_bradley_terry(games, players, l2)
-    samples: dict[int, list[float]] = defaultdict(list)
+    index = {p: i for i, p in enumerate(players)}
+    cells = _cells(counts, index)
+    n = len(players)
+    point = _fit(cells, cells.count, n, l2, 50)
+    # Each round resamples the games with replacement: multinomial counts over the cells.
     rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):
-        picked = rng.integers(0, len(games), size=len(games))
-        resampled = [games[i] for i in picked]
-        fitted = fit_bradley_terry(resampled, players, l2)
-        for p in players:
-            samples[p].append(fitted[p])
-    tally: dict[int, list[int]] = {p: [0, 0, 0] for p in players}  # wins, losses, ties
-    for g in games:
-        if g.score == 0.5:
-            tally[g.first][2] += 1
-            tally[g.second][2] += 1
+    total = cells.games
+    share = cells.count / total
+    rounds = np.array(
+        [_fit(cells, rng.multinomial(total, share), n, l2, 50) for _ in range(bootstrap)]
+    )
+    wins, losses, ties = np.zeros(n, dtype=int), np.zeros(n, dtype=int), np.zeros(n, dtype=int)
+    for a, b, s, c in zip(cells.first, cells.second, cells.score, cells.count, strict=True):
+        if s == 0.5:
+            ties[a] += int(c)
+            ties[b] += int(c)
         else:
-            winner, loser = (g.first, g.second) if g.score == 1.0 else (g.second, g.first)
-            tally[winner][0] += 1
-            tally[loser][1] += 1
+            winner, loser = (a, b) if s == 1.0 else (b, a)
+            wins[winner] += int(c)
+            losses[loser] += int(c)
     out = []
-    for p in players:
-        wins, losses, ties = tally[p]
-        n = wins + losses + ties
-        low, high = np.percentile(samples[p], [2.5, 97.5]) if bootstrap else (point[p], point[p])
+    for p, i in index.items():
+        played = int(wins[i] + losses[i] + ties[i])
+        if bootstrap:
+            low, high = np.percentile(rounds[:, i], [2.5, 97.5])
+        else:
+            low = high = point[i]
         version = (versions or {}).get(p)
         out.append(
             Standing(
@@ -140,12 +201,12 @@ def standings(
                 version=version.version if version else -1,
                 name=version.name if version else str(p),
                 status=version.status if version else "",
-                games=n,
-                wins=wins,
-                losses=losses,
-                ties=ties,
-                win_rate=(wins + 0.5 * ties) / n if n else 0.0,
-                rating=to_rating(point[p]),
+                games=played,
+                wins=int(wins[i]),
+                losses=int(losses[i]),
+                ties=int(ties[i]),
+                win_rate=float(wins[i] + 0.5 * ties[i]) / played if played else 0.0,
+                rating=to_rating(float(point[i])),
                 ci_low=to_rating(float(low)),
                 ci_high=to_rating(float(high)),
             )
@@ -153,44 +214,115 @@ def standings(
     return sorted(out, key=lambda s: -s.rating)
 
 
-def version_games(session: Session, project: Project) -> list[Game]:
-    """Every judgment of a `version_eval` pair of the project, as a game between versions."""
+CHOICE_SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5}
+
+
+def _version_eval_judgments(project: Project, *columns: Any) -> Select[Any]:
     resp_a, resp_b = aliased(Response), aliased(Response)
-    rows = session.execute(
-        select(Judgment.choice, resp_a.model_version_id, resp_b.model_version_id)
+    first, second = resp_a.model_version_id, resp_b.model_version_id
+    return (
+        select(*columns, Judgment.choice, first, second)
         .join(ComparisonPair, Judgment.pair_id == ComparisonPair.id)
         .join(resp_a, ComparisonPair.response_a_id == resp_a.id)
         .join(resp_b, ComparisonPair.response_b_id == resp_b.id)
         .where(
             ComparisonPair.project_id == project.id,
             ComparisonPair.kind == "version_eval",
-            Judgment.choice.in_(("a", "b", "tie")),
-            resp_a.model_version_id.is_not(None),
-            resp_b.model_version_id.is_not(None),
+            Judgment.choice.in_(tuple(CHOICE_SCORE)),
+            first.is_not(None),
+            second.is_not(None),
+            first != second,
         )
-        .order_by(Judgment.id)
     )
-    games = []
-    for choice, a, b in rows:
-        if a is None or b is None or a == b:
-            continue
-        games.append(Game(a, b, {"a": 1.0, "b": 0.0, "tie": 0.5}[choice]))
-    return games
+
+
+def version_games(session: Session, project: Project) -> list[Game]:
+    """Every judgment of a `version_eval` pair of the project, as a game between versions."""
+    rows = session.execute(_version_eval_judgments(project, Judgment.id).order_by(Judgment.id))
+    return [Game(a, b, CHOICE_SCORE[choice]) for _, choice, a, b in rows]
+
+
+Cell = tuple[int, int, float]  # (first version, second version, score)
+
+# Judgments are never changed once written (a gold answer marks them, it does not change their
+# choice), so the counts of those older than SETTLE_S are kept per project in this process and
+# only the newer ones are read again: the versions page stays fast as judgments pile up. A
+# judgment's transaction commits within moments of its `created_at`, far sooner than this.
+SETTLE_S = 120.0
+_MAX_PROJECTS = 64
+
+
+@dataclass(frozen=True)
+class _Settled:
+    until: datetime  # every version_eval judgment created before this is counted
+    counts: Counter[Cell]
+
+
+_settled: OrderedDict[tuple[str, int, datetime], _Settled] = OrderedDict()
+_settled_lock = threading.Lock()
+
+
+def _count(
+    session: Session, project: Project, since: datetime | None, until: datetime | None
+) -> Counter[Cell]:
+    query = _version_eval_judgments(project, func.count())
+    query = query.group_by(*list(query.selected_columns)[1:])
+    if since is not None or until is not None:
+        query = query.where(Judgment.project_id == project.id)  # the (project, created_at) index
+    if since is not None:
+        query = query.where(Judgment.created_at >= since)
+    if until is not None:
+        query = query.where(Judgment.created_at < until)
+    out: Counter[Cell] = Counter()
+    for n, choice, a, b in session.execute(query):
+        out[(a, b, CHOICE_SCORE[choice])] += int(n)
+    return out
+
+
+def version_game_counts(
+    session: Session, project: Project, *, now: datetime | None = None
+) -> list[tuple[int, int, float, int]]:
+    """The project's `version_eval` games counted per (first, second, score): a few rows per
+    pair of versions however many judgments there are.
+
+    Two grouped queries over recent judgments: those created in the last `SETTLE_S` seconds,
+    and those settled since this process last counted the project (on its first look, all)."""
+    now = now or utcnow()
+    boundary = now - timedelta(seconds=SETTLE_S)
+    key = (str(session.get_bind().engine.url), project.id, project.created_at)
+    with _settled_lock:
+        settled = _settled.get(key)
+        if settled is None or boundary < settled.until:  # first look, or the clock went back
+            settled = _Settled(boundary, _count(session, project, None, boundary))
+        elif boundary > settled.until:
+            more = _count(session, project, settled.until, boundary)
+            settled = _Settled(boundary, settled.counts + more)
+        _settled[key] = settled
+        _settled.move_to_end(key)
+        while len(_settled) > _MAX_PROJECTS:
+            _settled.popitem(last=False)
+    counts = settled.counts + _count(session, project, boundary, None)
+    return [(a, b, score, n) for (a, b, score), n in sorted(counts.items())]
 
 
 def project_leaderboard(
     session: Session, project: Project, *, bootstrap: int = 200, seed: int = 0
 ) -> dict[str, Any]:
     """The project's policy leaderboard from human `version_eval` judgments."""
-    games = version_games(session, project)
-    ids = sorted({g.first for g in games} | {g.second for g in games})
+    counts = version_game_counts(session, project)
+    ids = sorted({c[0] for c in counts} | {c[1] for c in counts})
     versions = {
         v.id: v
-        for v in session.scalars(select(ModelVersion).where(ModelVersion.id.in_(ids or [0])))
+        for v in session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.id.in_(ids or [0]))
+            # The names only: a version's metrics carry its evaluation samples.
+            .options(load_only(ModelVersion.version, ModelVersion.name, ModelVersion.status))
+        )
     }
-    table = standings(games, versions, bootstrap=bootstrap, seed=seed)
+    table = standings_of_counts(counts, versions, bootstrap=bootstrap, seed=seed)
     return {
-        "games": len(games),
+        "games": sum(c[3] for c in counts),
         "bootstrap": bootstrap,
         "seed": seed,
         "versions": [asdict(s) for s in table],

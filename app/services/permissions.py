@@ -27,7 +27,14 @@ def can_read_data(user: User) -> bool:
 
 
 def can_rate(user: User) -> bool:
+    """Rating at all; which projects a rater may rate is their staffing (`services/staffing.py`)."""
     return user.is_active
+
+
+def rates_unstaffed(user: User) -> bool:
+    """Admins and reviewers rate every project, also one staffed without them; raters only the
+    open projects and those they are staffed on."""
+    return user.is_active and user.role in ("admin", "reviewer")
 
 
 def can_manage_runs(user: User) -> bool:

@@ -7,6 +7,8 @@ promoted. Trained versions keep their weights under `artifact_dir(...)`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select, update
@@ -14,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import ModelVersion, Project, utcnow
+from app.models import ModelVersion, Project, Run, utcnow
 from app.services.errors import InvalidInput, NotFound
 from app.services.projects import project_settings
 
@@ -108,6 +110,7 @@ def previous_policy(session: Session, active: ModelVersion) -> ModelVersion | No
 
 
 def next_version(session: Session, project: Project, kind: str) -> int:
+    """The number the project's next version of `kind` gets."""
     current = session.scalar(
         select(func.max(ModelVersion.version)).where(
             ModelVersion.project_id == project.id, ModelVersion.kind == kind
@@ -169,13 +172,95 @@ def activate(session: Session, version: ModelVersion) -> ModelVersion:
 def list_versions(
     session: Session, project: Project, kind: str | None = None
 ) -> list[ModelVersion]:
+    """The project's versions (of one kind, if given), by kind and number."""
     query = select(ModelVersion).where(ModelVersion.project_id == project.id)
     if kind is not None:
         query = query.where(ModelVersion.kind == kind)
     return list(session.scalars(query.order_by(ModelVersion.kind, ModelVersion.version)))
 
 
+@dataclass(frozen=True)
+class VersionSummary:
+    """One row of a project's version table: the version, where it came from, and the figures
+    that decide about it (a policy's score gain, KL to its parent and the promotion rule's
+    verdict; a reward model's validation accuracy)."""
+
+    id: int
+    kind: str
+    version: int
+    name: str
+    status: str
+    created_at: datetime
+    promoted_at: datetime | None
+    parent_id: int | None
+    parent_version: int | None
+    run_id: int | None
+    run_kind: str | None
+    score_gain: float | None
+    kl_to_parent: float | None
+    rule_passed: bool | None
+    rule_reason: str | None
+    val_accuracy: float | None
+    val_pairs: int | None
+
+
+def version_summaries(session: Session, project: Project) -> list[VersionSummary]:
+    """Every version of the project, newest first within each kind, with its key figures.
+
+    One query: the figures are read out of `metrics` by the database, so a version's
+    evaluation samples (the bulk of its metrics) never leave it."""
+    m = ModelVersion.metrics
+    rows = session.execute(
+        select(
+            ModelVersion.id,
+            ModelVersion.kind,
+            ModelVersion.version,
+            ModelVersion.name,
+            ModelVersion.status,
+            ModelVersion.created_at,
+            ModelVersion.promoted_at,
+            ModelVersion.parent_id,
+            ModelVersion.run_id,
+            Run.kind,
+            m["score_gain"].as_float(),
+            m["kl_to_parent"].as_float(),
+            m[("promotion_rule", "passed")].as_boolean(),
+            m[("promotion_rule", "reason")].as_string(),
+            # The reward job records the best validation accuracy; the last one if it did not.
+            func.coalesce(m["best_val_accuracy"].as_float(), m["accuracy/val"].as_float()),
+            m["val_pairs"].as_float(),
+        )
+        .outerjoin(Run, Run.id == ModelVersion.run_id)
+        .where(ModelVersion.project_id == project.id)
+        .order_by(ModelVersion.kind, ModelVersion.version.desc())
+    ).all()
+    numbers = {row[0]: row[2] for row in rows}
+    return [
+        VersionSummary(
+            id=r[0],
+            kind=r[1],
+            version=r[2],
+            name=r[3],
+            status=r[4],
+            created_at=r[5],
+            promoted_at=r[6],
+            parent_id=r[7],
+            parent_version=numbers.get(r[7]) if r[7] is not None else None,
+            run_id=r[8],
+            run_kind=r[9],
+            score_gain=r[10],
+            kl_to_parent=r[11],
+            rule_passed=None if r[12] is None else bool(r[12]),
+            rule_reason=r[13],
+            val_accuracy=r[14],
+            val_pairs=None if r[15] is None else int(r[15]),
+        )
+        for r in rows
+    ]
+
+
 def get_version(session: Session, version_id: int) -> ModelVersion:
+    """The version with this id (404 when there is none)."""
     row = session.get(ModelVersion, version_id)
     if row is None:
         raise NotFound(f"model version {version_id} not found")

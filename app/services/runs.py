@@ -18,18 +18,19 @@ import importlib
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from app.core.config import Settings
 from app.core.db import after_commit
 from app.kinds.knobs import Knobs
 from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS, RunKind
-from app.models import Project, Run, RunMetric, utcnow
+from app.models import DatasetSnapshot, ModelVersion, Project, Run, RunMetric, User, utcnow
 from app.models.training import FINISHED_STATUSES, RUN_STATUSES
 from app.services import audit, dispatch
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceError
@@ -286,12 +287,167 @@ def cancel_run(
     return run
 
 
+def retry_run(
+    session: Session, run: Run, *, settings: Settings, actor_id: int | None = None
+) -> Run:
+    """Queue a new run of `run`'s kind with its stored config, as its child (`parent_run_id`),
+    started from the console; its task is sent once the caller commits.
+
+    The stored config is complete, so the retry trains with exactly the knobs the original did;
+    it is validated again, since the rows it names (a snapshot, a reward model) may be gone.
+    409 while `run` is queued or running, and for the kinds an API call starts and awaits
+    (`score`, `sample`): their caller is no longer waiting for a retry.
+    """
+    if not is_finished(run):
+        raise Conflict(f"run {run.id} is still {run.status}; cancel it or let it end first")
+    if run.kind not in LAUNCHABLE_KINDS:
+        raise Conflict(f"{run.kind} runs are started by the API call they answer; start a new one")
+    project = session.get(Project, run.project_id)
+    if project is None:
+        raise NotFound(f"the project of run {run.id} is gone")
+    retry = create_run(
+        session, project, run.kind, dict(run.config), settings=settings, actor_id=actor_id,
+        trigger="console", parent_run_id=run.id, launchable_only=True,
+    )  # fmt: skip
+    audit.record(
+        session, "run.retry", actor_id=actor_id, project_id=project.id, target=("run", run.id),
+        retry_run_id=retry.id, was=run.status,
+    )  # fmt: skip
+    return retry
+
+
 def _revoke(settings: Settings, run_id: int, task_id: str) -> None:
     revoked = dispatch.revoke(settings.broker_url, task_id)
     logger.info("run %s: cancelled while queued (revoke sent: %s)", run_id, revoked)
 
 
+# --- pages of runs, and a run's lineage -------------------------------------------------------
+
+
+PAGE_SIZE = 50
+
+
+def runs_page(
+    session: Session,
+    project: Project,
+    *,
+    kind: str | None = None,
+    status: str | None = None,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = PAGE_SIZE,
+) -> tuple[list[tuple[Run, str | None]], int | None, int | None]:
+    """One page of the project's runs, newest first, keyset-paginated by id: (run, the email
+    of whoever created it) rows, and the ids to continue from for newer and older pages (None
+    when there are none). The rows carry only the columns a list shows (never a run's log tail,
+    config or result, which may hold sample tables); touching another raises instead of a query
+    per row."""
+    query = (
+        select(Run, User.email)
+        .outerjoin(User, User.id == Run.created_by_id)
+        .where(Run.project_id == project.id)
+        .options(
+            load_only(
+                Run.id, Run.kind, Run.status, Run.trigger, Run.created_by_id, Run.parent_run_id,
+                Run.progress_done, Run.progress_total, Run.error, Run.created_at, Run.started_at,
+                Run.finished_at, raiseload=True,
+            )
+        )
+    )  # fmt: skip
+    if kind is not None:
+        query = query.where(Run.kind == kind)
+    if status is not None:
+        query = query.where(Run.status == status)
+    if after is not None:
+        # Going back towards the newest: read upwards from `after`, then show newest first.
+        query = query.where(Run.id > after).order_by(Run.id.asc())
+    else:
+        if before is not None:
+            query = query.where(Run.id < before)
+        query = query.order_by(Run.id.desc())
+    found: list[tuple[Run, str | None]] = [
+        (run, email) for run, email in session.execute(query.limit(limit + 1))
+    ]
+    more = len(found) > limit
+    found = found[:limit]
+    if after is not None:
+        found.reverse()
+    if not found:
+        return found, None, None
+    newer = found[0][0].id if (more if after is not None else before is not None) else None
+    older = found[-1][0].id if (more if after is None else True) else None
+    return found, newer, older
+
+
+@dataclass
+class Lineage:
+    """Where a run comes from and what came of it."""
+
+    parent: Run | None
+    children: list[Run]
+    versions: list[ModelVersion]
+    snapshot: dict[str, Any] | None  # id, content_hash, stats, created_at (never the ids)
+
+
+def run_lineage(session: Session, run: Run) -> Lineage:
+    """The run's parent run, the runs it started, the model versions it produced and its
+    snapshot, each read with only the columns a link to it needs."""
+    # Other runs by id, kind and status only: their logs and results are their own pages'.
+    brief = load_only(Run.id, Run.kind, Run.status, raiseload=True)
+    parent = None
+    if run.parent_run_id is not None:
+        parent = session.scalar(select(Run).where(Run.id == run.parent_run_id).options(brief))
+    children = list(
+        session.scalars(
+            select(Run).where(Run.parent_run_id == run.id).order_by(Run.id).options(brief)
+        )
+    )
+    versions = list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.run_id == run.id)
+            .order_by(ModelVersion.id)
+            .options(
+                load_only(
+                    ModelVersion.id, ModelVersion.kind, ModelVersion.version, ModelVersion.name,
+                    ModelVersion.status, raiseload=True,
+                )
+            )
+        )
+    )  # fmt: skip
+    snapshot = None
+    if run.snapshot_id is not None:
+        # Columns, not the row: a snapshot's judgment ids may run to a million.
+        found = session.execute(
+            select(
+                DatasetSnapshot.id,
+                DatasetSnapshot.content_hash,
+                DatasetSnapshot.stats,
+                DatasetSnapshot.created_at,
+            ).where(DatasetSnapshot.id == run.snapshot_id)
+        ).first()
+        snapshot = dict(found._mapping) if found is not None else None
+    return Lineage(parent, children, versions, snapshot)
+
+
 # --- reading progress -----------------------------------------------------------------------
+
+
+def elapsed_seconds(run: Run, now: datetime | None = None) -> float | None:
+    """Seconds since the run (last) started, up to its end: the run's own clock, the same for
+    every page and watcher; None while it has not started."""
+    if run.started_at is None:
+        return None
+    end = run.finished_at or now or utcnow()
+    return max(0.0, (end - run.started_at).total_seconds())
+
+
+def format_duration(seconds: float | None, unknown: str = "—") -> str:
+    """A duration as h:mm:ss ("0:03:07"); `unknown` when there is none."""
+    if seconds is None:
+        return unknown
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def eta_seconds(run: Run, now: datetime | None = None) -> float | None:

@@ -221,6 +221,33 @@ def _majority(rows: list[_Row]) -> list[_Row]:
     return out
 
 
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """A snapshot as a list shows it: never its judgment ids, which may run to a million."""
+
+    id: int
+    content_hash: str
+    stats: dict[str, Any]
+    config: dict[str, Any]
+    created_at: Any
+
+
+def snapshot_summaries(
+    session: Session, project: Project, limit: int = 20
+) -> list[SnapshotSummary]:
+    """The project's newest snapshots, read without their judgment ids."""
+    rows = session.execute(
+        select(
+            DatasetSnapshot.id, DatasetSnapshot.content_hash, DatasetSnapshot.stats,
+            DatasetSnapshot.config, DatasetSnapshot.created_at,
+        )
+        .where(DatasetSnapshot.project_id == project.id)
+        .order_by(DatasetSnapshot.id.desc())
+        .limit(limit)
+    )  # fmt: skip
+    return [SnapshotSummary(*row) for row in rows]
+
+
 def list_snapshots(session: Session, project: Project) -> list[DatasetSnapshot]:
     return list(
         session.scalars(

@@ -1,19 +1,21 @@
-"""Users and API tokens."""
+"""Users, their API tokens, and invitations; what admins change about people."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import NoReturn
 
-from sqlalchemy import String, bindparam, select, update
+from sqlalchemy import String, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.core import security
-from app.models import ApiToken, User, utcnow
+from app.models import ApiToken, Invite, Project, User, utcnow
 from app.models.users import ROLES
-from app.services import audit
-from app.services.errors import Conflict, InvalidInput, NotFound
+from app.services import audit, staffing
+from app.services.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceError
 
 MIN_PASSWORD_LENGTH = 8
 # Writing last_used_at on every request would turn every API read into a write.
@@ -30,11 +32,10 @@ def create_user(
     """Create a user with an Argon2-hashed password. Raises Conflict if the email is taken."""
     email = normalize_email(email)
     if role not in ROLES:
-        raise InvalidInput(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        _refuse("role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if "@" not in email:
-        raise InvalidInput(f"{email!r} is not an email address")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+        _refuse("email", f"{email!r} is not an email address")
+    _check_password(password)
     user = User(email=email, password_hash=security.hash_password(password), role=role)
     try:
         with session.begin_nested():
@@ -64,9 +65,19 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
-def set_password(session: Session, user: User, password: str) -> None:
+def _refuse(field: str, message: str) -> NoReturn:
+    """InvalidInput with the message at its form field (the console and invite pages show it
+    there; the API sends it in `errors`)."""
+    raise InvalidInput(message, [FieldError(None, field, message)])
+
+
+def _check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise InvalidInput(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+        _refuse("password", f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+
+
+def set_password(session: Session, user: User, password: str) -> None:
+    _check_password(password)
     user.password_hash = security.hash_password(password)
     audit.record(session, "user.password", actor_id=user.id, target=("user", user.id))
 
@@ -134,13 +145,354 @@ def list_tokens(session: Session, user: User) -> list[ApiToken]:
     )
 
 
-def revoke_token(session: Session, token_id: int, actor: User) -> ApiToken:
-    """Revoke a token. Users revoke their own; admins may revoke anyone's."""
+def revoke_token(
+    session: Session, token_id: int, actor: User, *, only_own: bool = False
+) -> ApiToken:
+    """Revoke a token. Users revoke their own; admins may revoke anyone's, except with
+    `only_own` (the account page, where another's token is NotFound for everyone)."""
     token = session.get(ApiToken, token_id)
-    if token is None or (token.user_id != actor.id and actor.role != "admin"):
+    others_allowed = actor.role == "admin" and not only_own
+    if token is None or (token.user_id != actor.id and not others_allowed):
         raise NotFound(f"token {token_id} not found")
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         audit.record(session, "token.revoke", actor_id=actor.id, target=("api_token", token.id))
         session.flush()
     return token
+
+
+# People: the console's list, roles and deactivation ------------------------------------------
+
+PEOPLE_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Person:
+    """A row of the People page."""
+
+    user: User
+    tokens: int  # live (not revoked) API tokens
+    projects: list[Project]  # the projects they are staffed on
+
+
+@dataclass(frozen=True)
+class PeoplePage:
+    people: list[Person]
+    next_after: str | None  # the email to continue after, None on the last page
+
+
+def people(
+    session: Session, *, after: str = "", role: str = "", limit: int = PEOPLE_PAGE_SIZE
+) -> PeoplePage:
+    """Users by email, `limit` at a time after the email `after` (keyset), optionally of one
+    role, with their live token count and staffed projects. Three queries per page, however
+    many rows it shows."""
+    live_tokens = (
+        select(func.count())
+        .select_from(ApiToken)
+        .where(ApiToken.user_id == User.id, ApiToken.revoked_at.is_(None))
+        .scalar_subquery()
+    )
+    stmt = select(User, live_tokens).order_by(User.email).limit(limit + 1)
+    if after:
+        stmt = stmt.where(User.email > after)
+    if role in ROLES:
+        stmt = stmt.where(User.role == role)
+    rows = session.execute(stmt).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    projects = staffing.staffed_on(session, [user.id for user, _ in rows])
+    return PeoplePage(
+        people=[Person(user, tokens or 0, projects[user.id]) for user, tokens in rows],
+        next_after=rows[-1][0].email if more and rows else None,
+    )
+
+
+def _person(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"user {user_id} not found")
+    return user
+
+
+def _refuse_removing_last_admin(session: Session, target: User, what: str) -> None:
+    """Conflict if `target` is the only active admin left (then nobody could manage Verdict).
+
+    The active admins' rows are locked first: two admins demoting each other at the same
+    moment are serialized, and the second sees that only one is left (SQLite serializes every
+    write transaction anyway).
+    """
+    admins = session.scalars(
+        select(User.id)
+        .where(User.role == "admin", User.is_active.is_(True))
+        .order_by(User.id)
+        .with_for_update()
+    ).all()
+    if list(admins) == [target.id]:
+        raise Conflict(
+            f"{target.email} is the last active admin: make someone else an admin before you"
+            f" {what}, so that someone can still manage Verdict."
+        )
+
+
+def set_role(session: Session, user_id: int, role: str, *, actor: User) -> User:
+    """Give a user another role. An admin cannot change their own role, nor take the admin
+    role from the last active admin (Conflict, said in words). Audited."""
+    if role not in ROLES:
+        _refuse("role", f"pick a role: {', '.join(ROLES)}")
+    user = _person(session, user_id)
+    if user.role == role:
+        return user
+    if user.id == actor.id:
+        raise Conflict("You cannot change your own role: ask another admin to do it.")
+    if user.role == "admin" and user.is_active:
+        _refuse_removing_last_admin(session, user, "make them a " + role)
+    before = user.role
+    user.role = role
+    audit.record(
+        session, "user.role", actor_id=actor.id, target=("user", user.id), before=before,
+        after=role,
+    )  # fmt: skip
+    session.flush()
+    return user
+
+
+def set_active(session: Session, user_id: int, active: bool, *, actor: User) -> User:
+    """Deactivate or reactivate a user; repeating is harmless. Audited.
+
+    A deactivated user is refused at once everywhere: every request re-reads the user, and a
+    browser session (`api.deps._session_user`) or an API token (`user_for_token`) of an
+    inactive user authenticates nobody. Their tokens are not revoked, so reactivating gives
+    them back. An admin cannot deactivate themself, nor the last active admin (Conflict).
+    """
+    user = _person(session, user_id)
+    if user.is_active == active:
+        return user
+    if not active:
+        if user.id == actor.id:
+            raise Conflict("You cannot deactivate yourself: ask another admin to do it.")
+        if user.role == "admin":
+            _refuse_removing_last_admin(session, user, "deactivate them")
+    user.is_active = active
+    action = "user.reactivate" if active else "user.deactivate"
+    audit.record(session, action, actor_id=actor.id, target=("user", user.id))
+    session.flush()
+    return user
+
+
+# Invitations ------------------------------------------------------------------------------
+
+INVITE_DAYS_DEFAULT = 7
+INVITE_DAYS_MAX = 30
+MAX_INVITE_NOTE_CHARS = 200
+
+
+class InviteGone(ServiceError):
+    """An invite link that was good once: used, revoked or expired (410 Gone)."""
+
+    status_code = 410
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # "used", "revoked" or "expired"
+
+
+@dataclass
+class IssuedInvite:
+    """A freshly created invite. `secret` is shown once and never stored."""
+
+    invite: Invite
+    secret: str
+
+    @property
+    def path(self) -> str:
+        return f"/invite/{self.secret}"
+
+
+@dataclass(frozen=True)
+class PendingInvite:
+    """A row of the People page's pending invites (never the link: only its hash is kept)."""
+
+    invite: Invite
+    project: Project | None
+    created_by: str | None  # the inviting admin's email
+
+
+def create_invite(
+    session: Session,
+    *,
+    role: str,
+    note: str = "",
+    project_slug: str = "",
+    expires_in_days: int | str = INVITE_DAYS_DEFAULT,
+    actor: User,
+    now: datetime | None = None,
+) -> IssuedInvite:
+    """An invite link for a new account with `role`, optionally staffing a rater on a project,
+    good once for `expires_in_days` (1 to INVITE_DAYS_MAX). Each problem is refused at its
+    field. Only the SHA-256 of the link's secret is stored. Audited."""
+    now = now or utcnow()
+    errors: list[FieldError] = []
+    if role not in ROLES:
+        errors.append(FieldError(None, "role", f"pick a role: {', '.join(ROLES)}"))
+    note = note.strip()
+    if len(note) > MAX_INVITE_NOTE_CHARS:
+        errors.append(FieldError(None, "note", f"at most {MAX_INVITE_NOTE_CHARS} characters"))
+    days = int(expires_in_days) if str(expires_in_days).strip().isdigit() else None
+    if days is None or not 1 <= days <= INVITE_DAYS_MAX:
+        errors.append(
+            FieldError(None, "expires_in_days", f"a whole number of days, 1 to {INVITE_DAYS_MAX}")
+        )
+    project = None
+    if project_slug.strip():
+        project = session.scalar(select(Project).where(Project.slug == project_slug.strip()))
+        if project is None:
+            errors.append(FieldError(None, "project", f"no project {project_slug!r}"))
+        elif role in ROLES and role != "rater":
+            errors.append(
+                FieldError(None, "project", "only raters are staffed on projects: admins and"
+                           " reviewers rate every project")
+            )  # fmt: skip
+    if errors:
+        raise InvalidInput("the invite is not valid", errors)
+    assert days is not None
+    secret = secrets.token_urlsafe(32)  # 256 random bits, like an API token
+    invite = Invite(
+        token_hash=security.hash_api_token(secret),
+        role=role,
+        note=note,
+        project_id=project.id if project else None,
+        created_by_id=actor.id,
+        created_at=now,
+        expires_at=now + timedelta(days=days),
+    )
+    session.add(invite)
+    session.flush()
+    audit.record(
+        session, "invite.create", actor_id=actor.id, target=("invite", invite.id), role=role,
+        project_id_staffed=invite.project_id, expires_at=invite.expires_at.isoformat(),
+    )  # fmt: skip
+    return IssuedInvite(invite, secret)
+
+
+def pending_invites(session: Session, *, now: datetime | None = None) -> list[PendingInvite]:
+    """Invites not used, revoked or expired, newest first, with their project and creator
+    (one query)."""
+    now = now or utcnow()
+    creator = aliased(User)
+    rows = session.execute(
+        select(Invite, Project, creator.email)
+        .outerjoin(Project, Project.id == Invite.project_id)
+        .outerjoin(creator, creator.id == Invite.created_by_id)
+        .where(Invite.used_at.is_(None), Invite.revoked_at.is_(None), Invite.expires_at > now)
+        .order_by(Invite.created_at.desc(), Invite.id.desc())
+    ).all()
+    return [PendingInvite(invite, project, email) for invite, project, email in rows]
+
+
+def revoke_invite(
+    session: Session, invite_id: int, *, actor: User, now: datetime | None = None
+) -> Invite:
+    """Revoke an invite so its link no longer works; repeating is harmless. A used invite
+    cannot be revoked (Conflict: deactivate the account it made instead). Audited."""
+    invite = session.get(Invite, invite_id)
+    if invite is None:
+        raise NotFound(f"invite {invite_id} not found")
+    if invite.used_at is not None:
+        raise Conflict("this invite was already used; deactivate the account it made instead")
+    if invite.revoked_at is None:
+        invite.revoked_at = now or utcnow()
+        audit.record(session, "invite.revoke", actor_id=actor.id, target=("invite", invite.id))
+        session.flush()
+    return invite
+
+
+def _gone(invite: Invite, now: datetime) -> InviteGone | None:
+    """Why this invite can no longer be used, or None while it can."""
+    if invite.used_at is not None:
+        return InviteGone("This invite was already used: each invite makes one account.", "used")
+    if invite.revoked_at is not None:
+        return InviteGone("This invite was revoked by an admin.", "revoked")
+    if invite.expires_at <= now:
+        return InviteGone(
+            f"This invite expired on {invite.expires_at:%Y-%m-%d %H:%M} UTC.", "expired"
+        )
+    return None
+
+
+def open_invite(session: Session, secret: str, *, now: datetime | None = None) -> Invite:
+    """The invite a link's secret names, while it can still be used: NotFound for a link that
+    never was one, InviteGone (410) for one used, revoked or expired."""
+    invite = session.scalar(
+        select(Invite).where(Invite.token_hash == security.hash_api_token(secret))
+    )
+    if invite is None:
+        raise NotFound("This invite link is not valid: check that you copied all of it.")
+    gone = _gone(invite, now or utcnow())
+    if gone is not None:
+        raise gone
+    return invite
+
+
+@dataclass(frozen=True)
+class InviteOffer:
+    """What an invite link offers its holder: a role, and the project it staffs them on."""
+
+    invite: Invite
+    project: Project | None
+
+
+def invite_offer(session: Session, secret: str, *, now: datetime | None = None) -> InviteOffer:
+    """The offer of a link that can still be used (errors as `open_invite`)."""
+    invite = open_invite(session, secret, now=now)
+    project = session.get(Project, invite.project_id) if invite.project_id else None
+    return InviteOffer(invite, project)
+
+
+def accept_invite(
+    session: Session, secret: str, email: str, password: str, *, now: datetime | None = None
+) -> User:
+    """Create the account an invite offers (its role; staffed on its project if it names one)
+    and use the invite up. Email and password follow `create_user`'s rules, refused at their
+    field; a taken email too. Audited.
+
+    Single use under concurrency: the invite is claimed by one conditional UPDATE (unused,
+    unrevoked, unexpired), so of two simultaneous acceptances one gets InviteGone. Everything
+    runs in a savepoint: a refusal leaves the invite unused and no account behind.
+    """
+    now = now or utcnow()
+    invite = open_invite(session, secret, now=now)
+    if get_user_by_email(session, email) is not None:
+        _refuse("email", "an account with this email already exists: log in instead")
+    with session.begin_nested():
+        claimed = session.execute(
+            update(Invite)
+            .where(
+                Invite.id == invite.id,
+                Invite.used_at.is_(None),
+                Invite.revoked_at.is_(None),
+                Invite.expires_at > now,
+            )
+            .values(used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            session.refresh(invite)
+            raise _gone(invite, now) or InviteGone("This invite was already used.", "used")
+        try:
+            user = create_user(session, email, password, invite.role)
+        except Conflict:
+            _refuse("email", "an account with this email already exists: log in instead")
+        user.last_login_at = now
+        session.refresh(invite)
+        invite.used_by_id = user.id
+        if invite.project_id is not None:
+            project = session.get(Project, invite.project_id)
+            if project is not None:
+                staffing.add_member(session, project, user, actor_id=invite.created_by_id)
+        audit.record(
+            session, "invite.accept", actor_id=user.id, target=("invite", invite.id),
+            role=invite.role, project_id_staffed=invite.project_id,
+        )  # fmt: skip
+        session.flush()
+    return user

@@ -7,7 +7,7 @@ from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
 from app.api.deps import SessionDep, WebUser
-from app.services import projects
+from app.services import staffing
 from app.web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -17,7 +17,15 @@ router = APIRouter(include_in_schema=False)
 def home(request: Request, user: WebUser, session: SessionDep) -> Response:
     if user is None:
         return RedirectResponse("/login", status_code=303)
-    return render(request, "home.html", {"user": user, "projects": projects.list_projects(session)})
+    # A rater sees the projects open to every rater and those they are staffed on.
+    rateable = staffing.rateable_projects(session, user)
+    return render(request, "home.html", {"user": user, "projects": rateable})
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    """Browsers ask for /favicon.ico whatever the page says; send them to the icon."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
 
 
 @router.get("/docs")

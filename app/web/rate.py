@@ -22,8 +22,8 @@ from starlette.responses import Response
 from app.api.deps import SessionDep, WebUser, check_csrf
 from app.models import Assignment, Project, User
 from app.services import assignment as assignment_service
-from app.services import judgments, permissions, projects
-from app.services.errors import FieldError, InvalidInput, ServiceError
+from app.services import generation, judgments, permissions, projects, runs
+from app.services.errors import FieldError, InvalidInput, PermissionDenied, ServiceError
 from app.services.projects import project_settings
 from app.services.prompts import prompt_messages
 from app.services.rendering import render_markdown
@@ -61,6 +61,8 @@ class TaskView:
     turns: list[Turn]
     left_html: Markup
     right_html: Markup
+    left_truncated: bool
+    right_truncated: bool
     aspects: list[str]
     require_rationale: bool
 
@@ -78,6 +80,8 @@ def task_view(assignment: Assignment, project: Project) -> TaskView:
         ],
         left_html=render_markdown(left.text),
         right_html=render_markdown(right.text),
+        left_truncated=left.truncated,
+        right_truncated=right.truncated,
         aspects=settings.aspects,
         require_rationale=settings.require_rationale,
     )
@@ -88,6 +92,7 @@ def _context(
 ) -> dict[str, Any]:
     assignment = assignment_service.next_assignment(session, project, user)
     counts = assignment_service.rater_counts(session, project, user)
+    writing = None if assignment else generation.active_generation(session, project)
     return {
         "user": user,
         "project": project,
@@ -97,6 +102,8 @@ def _context(
         "flag_labels": FLAG_LABELS,
         "skip_reasons": SKIP_REASONS,
         "message": message,
+        "writing": writing,
+        "writing_eta": None if writing is None else runs.eta_seconds(writing),
     }
 
 
@@ -114,7 +121,16 @@ def rate_page(request: Request, slug: str, session: SessionDep, user: WebUser) -
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
     rater = _rater(user)
     project = projects.get_project(session, slug)
-    ctx = _context(session, project, rater)
+    try:
+        ctx = _context(session, project, rater)
+    except PermissionDenied as exc:  # a staffed project, and the rater is not on its staff
+        return render(
+            request,
+            "error.html",
+            {"status_code": 403, "title": "Not on this project's staff", "message": exc.message,
+             "back_href": "/", "back_label": "Back to your projects"},
+            status.HTTP_403_FORBIDDEN,
+        )  # fmt: skip
     ctx["guidelines_html"] = render_markdown(project.guidelines or "")
     return render(request, "rate.html", ctx)
 

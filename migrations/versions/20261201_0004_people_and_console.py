@@ -1,4 +1,5 @@
-"""invites and project members (the console's People pages); runs indexed by parent run
+"""invites and project members (the console's People pages); runs indexed by parent run;
+flagged judgments indexed (the console's "flagged" filter)
 
 Revision ID: 0004
 Revises: 0003
@@ -76,9 +77,17 @@ def upgrade() -> None:
         batch.create_index(batch.f("ix_project_members_user_id"), ["user_id"], unique=False)
     with op.batch_alter_table("runs") as batch:
         batch.create_index(batch.f("ix_runs_parent_run_id"), ["parent_run_id"], unique=False)
+    op.create_index(
+        "ix_judgments_flagged_pair",
+        "judgments",
+        ["pair_id"],
+        postgresql_where=sa.text("flags <> '[]'::jsonb"),
+        sqlite_where=sa.text("json_array_length(flags) > 0"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_judgments_flagged_pair", table_name="judgments")
     with op.batch_alter_table("runs") as batch:
         batch.drop_index(batch.f("ix_runs_parent_run_id"))
     with op.batch_alter_table("project_members") as batch:

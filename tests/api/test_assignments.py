@@ -48,8 +48,8 @@ def test_next_returns_the_pair_without_gold_and_then_the_same_lease(
     assert "gold" not in got.text
     assert body["pair_id"] == pair.id
     assert body["prompt"]["messages"] == [{"role": "user", "content": "Why?"}]
-    assert body["response_a"] == {"id": pair.response_a_id, "text": "first"}
-    assert body["response_b"] == {"id": pair.response_b_id, "text": "second"}
+    assert body["response_a"] == {"id": pair.response_a_id, "text": "first", "truncated": False}
+    assert body["response_b"] == {"id": pair.response_b_id, "text": "second", "truncated": False}
     again = next_of(client, project, headers)
     assert again.json()["id"] == body["id"]
     row = factory.session.get(Assignment, body["id"])

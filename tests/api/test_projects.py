@@ -105,3 +105,21 @@ def test_loop_configs_are_checked_against_their_run_kinds_knobs(
 def test_unknown_project_is_404(client: TestClient, factory: Factory) -> None:
     headers = bearer(factory.token(factory.user("rater")))
     assert client.get("/api/v1/projects/missing", headers=headers).status_code == 404
+
+
+def test_raters_list_only_the_projects_they_may_rate(client: TestClient, factory: Factory) -> None:
+    from app.services import staffing
+
+    open_project, staffed, mine = (
+        factory.project("open"),
+        factory.project("staffed"),
+        factory.project("mine"),
+    )
+    me, colleague = factory.user("rater"), factory.user("rater")
+    staffing.add_member(factory.session, staffed, colleague)
+    staffing.add_member(factory.session, mine, me)
+    factory.session.commit()
+    listed = client.get("/api/v1/projects", headers=bearer(factory.token(me))).json()
+    assert [p["slug"] for p in listed] == [open_project.slug, mine.slug]
+    admin = client.get("/api/v1/projects", headers=bearer(factory.token(factory.user("admin"))))
+    assert len(admin.json()) == 3

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from app.models import (
     ComparisonPair,
     DatasetSnapshot,
+    Invite,
     Judgment,
     ModelVersion,
     Project,
@@ -26,6 +27,7 @@ from app.models import (
     RunMetric,
     User,
 )
+from app.services import users
 from tests.conftest import TEST_PASSWORD, Factory
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
@@ -96,6 +98,7 @@ class Seeded:
     run: Run
     policy: ModelVersion
     reward: ModelVersion
+    invite: Invite  # pending, for {invite_id}
 
 
 @pytest.fixture
@@ -112,6 +115,7 @@ def seeded(factory: Factory) -> Seeded:
             flags=["unsafe"], rationale="clearer",
         )
     )  # fmt: skip
+    pair.judgment_count += 1
     snapshot = DatasetSnapshot(
         project_id=project.id, judgment_ids=[], content_hash="0" * 64, stats={}, config={}
     )
@@ -142,7 +146,9 @@ def seeded(factory: Factory) -> Seeded:
                           metrics={"score_gain": 0.3, "kl_to_parent": 1.2})  # fmt: skip
     s.add(policy)
     s.commit()
-    return Seeded(project, admin, reviewer, rater, prompt, pair, reward_run, policy, reward)
+    invite = users.create_invite(s, role="rater", note="seeded", actor=admin).invite
+    s.commit()
+    return Seeded(project, admin, reviewer, rater, prompt, pair, reward_run, policy, reward, invite)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ def concrete(path: str, seeded: Seeded) -> str:
         "prompt_id": seeded.prompt.id,
         "pair_id": seeded.pair.id,
         "kind": "reward",
+        "invite_id": seeded.invite.id,
     }
     return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), path)
 

@@ -27,6 +27,8 @@ Access = Literal["reader", "admin"]
 ACCESS: dict[tuple[str, str], Access] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Room for a form's other fields and multipart boundaries next to the largest accepted file.
+FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 class LoginRequired(Exception):
@@ -71,6 +73,14 @@ async def _admin(request: Request, user: Annotated[User, Depends(_reader)]) -> U
             f"only admins can do this; your role ({user.role}) can look, not change",
         )
     if request.method not in SAFE_METHODS:
+        # Refused before the body is read: reading the form below spools an upload to disk.
+        limit = request.app.state.settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                f"the request is larger than the upload limit of {limit:,} bytes"
+                " (VERDICT_MAX_UPLOAD_BYTES)",
+            )
         # A console write carries the session's CSRF token: the htmx header, or the form's.
         submitted = request.headers.get("x-csrf-token")
         if not submitted:
@@ -116,7 +126,8 @@ def page(
 
 def flash(request: Request, message: str, *, bad: bool = False) -> None:
     """A one-line message for the next page this browser shows ("Run 12 queued.")."""
-    request.session.setdefault("flash", []).append({"message": message, "bad": bad})
+    # A new list, not an append: the session only notices that it changed on assignment.
+    request.session["flash"] = [*request.session.get("flash", []), {"message": message, "bad": bad}]
 
 
 def done(request: Request, url: str, message: str) -> RedirectResponse:
