@@ -1,6 +1,7 @@
-"""The Data tab in a real browser: a file dropped on the upload page, its line errors shown next
-to its name with nothing stored, then a good file, its prompts in the browser, a search swapped
-in place and a prompt's page. No CSP violation on the way."""
+"""The Data tab in a real browser: a project created from the form, a file dropped on its
+upload page, its line errors shown next to its name with nothing stored, then a good file, its
+prompts in the browser, a search swapped in place and a prompt's page. No CSP violation on the
+way."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def drop_file(page: Page, selector: str, name: str, text: str = "", size: int = 
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
-def test_upload_errors_then_prompts_search_and_prompt_page(
+def test_create_a_project_then_upload_errors_prompts_search_and_prompt_page(
     page: Page, web_factory: Factory
 ) -> None:
     admin = web_factory.user("admin")
-    project = web_factory.project("browsed", auto_generate=False)
+    slug = "browsed"
     problems: list[str] = []
     page.on(
         "console",  # where the browser reports what the CSP refused
@@ -41,12 +42,22 @@ def test_upload_errors_then_prompts_search_and_prompt_page(
     )
     page.on("pageerror", lambda e: problems.append(str(e)))
 
-    page.goto(f"/admin/projects/{project.slug}/upload")
+    page.goto("/admin/projects/new")
     expect(page).to_have_url(re.compile(r"/login\?next="))
     page.fill("#email", admin.email)
     page.fill("#password", TEST_PASSWORD)
     page.click("button[type=submit]")
-    expect(page).to_have_url(re.compile(f"/admin/projects/{project.slug}/upload$"))
+    expect(page).to_have_url(re.compile(r"/admin/projects/new$"))
+    page.fill("#f-name", "Browsed answers")
+    page.fill("#f-slug", slug)
+    page.locator("input[name=auto_generate]").uncheck()  # no model in this test to write answers
+    page.get_by_role("button", name="Create project").click()
+    expect(page).to_have_url(re.compile(f"/admin/projects/{slug}$"))
+    expect(page.locator(".flash")).to_contain_text("Project Browsed answers created.")
+
+    page.locator("nav.tabs a", has_text="Data").click()
+    page.get_by_role("link", name="Upload data").click()
+    expect(page).to_have_url(re.compile(f"/admin/projects/{slug}/upload$"))
     expect(page.locator("[data-for-kind=preferences]")).to_be_hidden()  # prompts are chosen
 
     bad = '{"prompt": "one"}\n{"prompt": "two"}\n{"prompt": ""}\n'
@@ -69,7 +80,7 @@ def test_upload_errors_then_prompts_search_and_prompt_page(
     payload = FilePayload(name="good.jsonl", mimeType="application/jsonl", buffer=good.encode())
     page.set_input_files("#upload-file", files=[payload])
     page.get_by_role("button", name="Upload").click()
-    expect(page).to_have_url(re.compile(f"/admin/projects/{project.slug}/data$"))
+    expect(page).to_have_url(re.compile(f"/admin/projects/{slug}/data$"))
     expect(page.locator(".flash")).to_contain_text("good.jsonl: 3 prompts created")
     table = page.locator("table.prompt-table tbody tr")
     expect(table).to_have_count(3)
