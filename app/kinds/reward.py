@@ -111,6 +111,6 @@ class RewardRunConfig(RewardKnobs):
     split_seed: int = Field(0, description="seeds the train/validation split")
     backbone: str | None = Field(None, description="model spec (default: the base policy)")
     train_mode: TrainMode = same_knob(
-        RewardKnobs, "train_mode", default="last_n", note="last_n is the fast mode for a CPU"
+        RewardKnobs, "train_mode", default="last_n", note="a run's default: last_n, for a CPU"
     )
     checkpoint_every: int = same_knob(RewardKnobs, "checkpoint_every", default=50)
