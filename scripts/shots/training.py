@@ -53,7 +53,8 @@ def seed(session: Any, ids: dict[str, Any]) -> None:
     evaluation = Run(
         project_id=project_id, kind="evaluate", status="succeeded", trigger="auto",
         parent_run_id=reward.id, config={"model_version_id": ids["policy"], "max_prompts": 32},
-        progress_done=6, progress_total=6, started_at=now - timedelta(hours=1, minutes=5),
+        progress_done=6, progress_total=6, created_at=now - timedelta(hours=1, minutes=6),
+        started_at=now - timedelta(hours=1, minutes=5),
         finished_at=now - timedelta(hours=1), worker="verdict@worker-1", attempts=1,
         log_tail="10:00:00 evaluating policy v1 against v0 on 6 held-out prompts\n"
                  "10:04:40 policy v1: score gain 0.21 >= 0.05, KL 2.4 <= 10 -> rule passed",

@@ -367,7 +367,8 @@ def test_live_fragment_polls_while_the_run_lives_and_stops_when_it_ends(
     s.execute(
         sa.update(Run).where(Run.id == run.id).values(
             status="succeeded", progress_done=20, finished_at=utcnow(),
-            result={"model_version_id": 3, "metrics": {"mean_score": 0.5}},
+            result={"model_version_id": 3, "evaluate_run_id": 9,
+                    "metrics": {"mean_score": 0.5, "train": {"loss/policy": 0.6474313139915466}}},
             log_tail="10:00:00 started\n10:05:00 succeeded",
         )
     )  # fmt: skip
@@ -379,6 +380,9 @@ def test_live_fragment_polls_while_the_run_lives_and_stops_when_it_ends(
     # The result and lineage come along, out of band, so the page is complete without a reload.
     assert '<div id="run-details" class="run-details" hx-swap-oob="true">' in ended
     assert "<dt>metrics.mean_score</dt><dd>0.5</dd>" in ended
+    # A nested object opens into dotted keys, its numbers written like the model pages'.
+    assert "<dt>metrics.train.loss/policy</dt><dd>0.6474</dd>" in ended
+    assert '<dt>evaluate_run_id</dt><dd><a href="/admin/runs/9">9</a></dd>' in ended
 
 
 def test_live_fragment_does_not_take_the_next_pages_flash(

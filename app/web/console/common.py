@@ -9,6 +9,7 @@ each one with every role.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
@@ -139,3 +140,23 @@ def done(request: Request, url: str, message: str) -> RedirectResponse:
 def htmx(request: Request) -> bool:
     """Whether the request came from htmx (it wants a fragment, not a page)."""
     return request.headers.get("hx-request") == "true"
+
+
+def plain(value: Any) -> str:
+    """A metric value as text: numbers to four significant digits, lists shortened."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, list):
+        shown = ", ".join(plain(v) for v in value[:8])
+        return f"{shown}, … ({len(value)} in all)" if len(value) > 8 else shown or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {plain(v)}" for k, v in value.items())
+    return "—" if value is None else str(value)

@@ -38,6 +38,7 @@ from app.web.console.common import (
     flash,
     htmx,
     page,
+    plain,
 )
 
 router = APIRouter(prefix="/admin")
@@ -159,26 +160,6 @@ def versions_page(
 
 
 # --- a version page -------------------------------------------------------------------------
-
-
-def plain(value: Any) -> str:
-    """A metric value as text: numbers to four significant digits, lists shortened."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value.is_integer() and abs(value) < 1e15:
-            return f"{int(value):,}"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    if isinstance(value, list):
-        shown = ", ".join(plain(v) for v in value[:8])
-        return f"{shown}, … ({len(value)} in all)" if len(value) > 8 else shown or "none"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {plain(v)}" for k, v in value.items())
-    return "—" if value is None else str(value)
 
 
 # The nested groups of a policy's metrics, in the order the page shows them (others follow).

@@ -45,6 +45,7 @@ from app.web.console.common import (
     done,
     flash,
     page,
+    plain,
 )
 from app.web.templating import render
 
@@ -80,6 +81,24 @@ def link_for(key: str, value: Any) -> str:
     if key.endswith("_run_id"):
         return f"/admin/runs/{value}"
     return ""
+
+
+def result_rows(result: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A run's result as (key, value) rows; a nested object opens into dotted keys
+    (`metrics.train.loss/policy`) instead of one line of JSON."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(result_rows(value, f"{name}."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def measured(value: Any) -> str:
+    """A result value: numbers the way the model pages write them, the rest as `shown`."""
+    return plain(value) if isinstance(value, float) else shown(value)
 
 
 # --- the runs list ----------------------------------------------------------------------------
@@ -316,12 +335,13 @@ def _run_context(session: Session, run: Run, *, with_details: bool) -> dict[str,
         "retryable": run.kind in LAUNCHABLE_KINDS,
         "shown": shown,
         "link_for": link_for,
+        "measured": measured,
     }
     if with_details:
         by_step, compared = _samples(run)
         ctx.update(
             lineage=runs.run_lineage(session, run),
-            result={k: v for k, v in (run.result or {}).items() if k != "samples"},
+            result=result_rows({k: v for k, v in (run.result or {}).items() if k != "samples"}),
             samples_by_step=by_step,
             samples_compared=compared,
         )
