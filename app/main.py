@@ -19,12 +19,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import (
     assignments,
+    audit,
+    exports,
     health,
     imports,
     leaderboard,
     models,
+    moderation,
     projects,
     prompts,
+    quality,
     runs,
     snapshots,
     users,
@@ -170,7 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api_modules = (
         health, projects, prompts, users, assignments, runs, imports, snapshots, models,
-        leaderboard,
+        leaderboard, quality, moderation, exports, audit,
     )  # fmt: skip
     for module in api_modules:
         app.include_router(module.router)

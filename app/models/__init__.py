@@ -3,7 +3,7 @@
 from app.models.audit import AuditEvent
 from app.models.base import Base, utcnow
 from app.models.projects import ComparisonPair, Project, ProjectMember, Prompt, Response
-from app.models.rating import Assignment, Judgment
+from app.models.rating import Assignment, Judgment, RaterExclusion
 from app.models.training import DatasetSnapshot, ModelVersion, Run, RunMetric
 from app.models.users import ApiToken, Invite, User
 
@@ -20,6 +20,7 @@ __all__ = [
     "Project",
     "ProjectMember",
     "Prompt",
+    "RaterExclusion",
     "Response",
     "Run",
     "RunMetric",

@@ -13,7 +13,11 @@ class AuditEvent(Base):
     """Who did what to which row: logins, token changes, uploads, runs, promotions."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_project_created", "project_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_audit_events_project_created", "project_id", "created_at"),
+        # The audit log filtered by actor, newest first (GET /api/v1/audit?actor=...).
+        Index("ix_audit_events_actor", "actor_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))

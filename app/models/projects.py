@@ -109,6 +109,12 @@ class ComparisonPair(Base):
     priority: Mapped[int] = mapped_column(default=0)
     kind: Mapped[str] = mapped_column(String(16), default="standard")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Moderation (app.services.moderation). Flags raised before `moderated_at` were reviewed;
+    # a pair excluded from training keeps its judgments but snapshots leave them out; a pair
+    # removed from rating is no longer served and is excluded from training too.
+    moderated_at: Mapped[datetime | None]
+    training_excluded_at: Mapped[datetime | None]
+    rating_removed_at: Mapped[datetime | None]
 
     prompt: Mapped[Prompt] = relationship()
     response_a: Mapped[Response] = relationship(foreign_keys=[response_a_id])

@@ -42,6 +42,40 @@ class Assignment(Base):
     pair: Mapped[ComparisonPair] = relationship()
 
 
+class RaterExclusion(Base):
+    """A rater's judgments in a project left out of training, from `created_at` until lifted.
+
+    While an exclusion is live (`lifted_at` is null) every judgment of the rater in the project,
+    past and future, is left out of new snapshots; lifting it lets them back in. Rows are never
+    deleted, so the history of who excluded whom, and why, stays readable.
+    """
+
+    __tablename__ = "rater_exclusions"
+    __table_args__ = (
+        # At most one live exclusion per rater and project.
+        Index(
+            "uq_rater_exclusions_live",
+            "project_id",
+            "rater_id",
+            unique=True,
+            postgresql_where=text("lifted_at IS NULL"),
+            sqlite_where=text("lifted_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    rater_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    reason: Mapped[str] = mapped_column(Text)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lifted_at: Mapped[datetime | None]
+    lifted_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    lift_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class Judgment(Base):
     """A rater's verdict on a pair; `a`/`b` always name the pair's responses, not screen sides."""
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.web.console import data, models, overview, people, projects, training
+from app.web.console import (
+    audit,
+    data,
+    models,
+    moderation,
+    overview,
+    people,
+    projects,
+    quality,
+    training,
+)
 
 router = APIRouter()
-for module in (overview, projects, people, data, training, models):
+for module in (overview, projects, people, data, training, models, quality, moderation, audit):
     router.include_router(module.router)
