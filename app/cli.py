@@ -216,6 +216,72 @@ def import_preferences(
     )
 
 
+@app.command("export")
+def export_data(
+    project: Annotated[str, typer.Argument(help="project slug")],
+    format: Annotated[str, typer.Option(help="trl, hh, raw-jsonl or raw-csv")] = "trl",
+    snapshot: Annotated[int | None, typer.Option(help="export this snapshot, whole")] = None,
+    since: Annotated[str | None, typer.Option(help="judgments made at or after (ISO 8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="judgments made before (ISO 8601)")] = None,
+    pseudonymize: Annotated[
+        bool, typer.Option("--pseudonymize", help="raw formats: raters as stable pseudonyms")
+    ] = False,
+    salt: Annotated[
+        str | None, typer.Option(help="key of the pseudonyms (the same salt links exports)")
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="file to write, or - for stdout (default: a name"
+                     " saying what was exported, in the current directory)"),
+    ] = None,
+) -> None:  # fmt: skip
+    """Export a project's training examples or judgments, streamed (as the API's /export)."""
+    import os
+
+    from app.core.config import get_settings
+    from app.core.db import unit_of_work
+    from app.services import exports, projects
+
+    with database_session() as session:
+        try:
+            plan = exports.prepare_export(
+                session,
+                projects.get_project(session, project),
+                format,
+                snapshot_id=snapshot,
+                since=since,
+                until=until,
+                pseudonymize=pseudonymize,
+                salt=salt,
+                secret_key=get_settings().resolved_secret_key(),
+            )
+        except ServiceError as exc:
+            fail(exc)
+        exports.record_export(session, plan, actor_id=None)
+    target = output or plan.filename
+    written = 0
+    with unit_of_work() as session:
+        if target == "-":
+            for chunk in exports.stream_export(session, plan):
+                sys.stdout.buffer.write(chunk)
+                written += len(chunk)
+            sys.stdout.buffer.flush()
+        else:
+            # Written beside the target and renamed at the end: never a half file under its name.
+            partial = Path(target).with_name(Path(target).name + ".part")
+            try:
+                with partial.open("wb") as f:
+                    for chunk in exports.stream_export(session, plan):
+                        f.write(chunk)
+                        written += len(chunk)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+    err.print(
+        f"exported {written} bytes ({plan.format}) to {target}", highlight=False, soft_wrap=True
+    )
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",

@@ -167,7 +167,7 @@ def worker_verdict(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": f"Verdict {mode}",
         "pairs": result.train_pairs,
-        "pairs_trained": result.train_pairs * budget.epochs,
+        "pairs_trained": result.train_examples * budget.epochs,
         "train_seconds": result.train_seconds,
         "wall_seconds": wall,
         "peak_rss_train_mib": train_rss,

@@ -30,7 +30,7 @@ def create_snapshot(
     body: SnapshotConfig | None = None,
 ) -> SnapshotOut:
     """Freeze the project's usable judgments into an immutable, hashed dataset snapshot."""
-    snapshot = snapshots.create_snapshot(session, project, body)
+    snapshot = snapshots.create_snapshot(session, project, body, actor_id=user.id)
     return SnapshotOut(
         id=snapshot.id,
         content_hash=snapshot.content_hash,

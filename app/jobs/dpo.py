@@ -11,6 +11,7 @@ from app.jobs.common import checkpoint_dir, model_dir, train_candidate
 from app.jobs.runner import RunContext
 from app.kinds.dpo import DPOConfig, DPOKnobs, DPORunConfig
 from app.kinds.knobs import knobs_of
+from app.ml.counts import distinct_pairs
 from app.ml.dpo import PreferencePair, train_dpo
 from app.ml.loading import pick_device
 from app.services import evaluation, loop, policy_runs, registry, snapshots
@@ -33,14 +34,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     )
     held = {f"prompt:{i}" for i in heldout_ids}
     # Ties are soft labels for a reward model; DPO needs a preferred side.
-    pairs = [
-        PreferencePair(e.prompt, e.chosen, e.rejected)
-        for e in examples
-        if e.label == 1.0 and e.group not in held
-    ]
+    used = [e for e in examples if e.label == 1.0 and e.group not in held]
+    pairs = [PreferencePair(e.prompt, e.chosen, e.rejected) for e in used]
+    distinct = distinct_pairs(used)
     if len(pairs) < policy_runs.MIN_DPO_PAIRS:
         raise InvalidInput(
-            f"only {len(pairs)} preference pairs outside the held-out prompts; need at least"
+            f"only {len(pairs)} preference examples outside the held-out prompts; need at least"
             f" {policy_runs.MIN_DPO_PAIRS}"
         )
     reward_id = config.reward_model_id
@@ -60,7 +59,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     trainer_config = DPOConfig(**knobs_of(config, DPOKnobs), device=str(pick_device()))
     ctx.log(
         f"DPO from policy v{parent.version} on snapshot {snapshot.id}"
-        f" ({snapshot.content_hash[:12]}): {len(pairs)} pairs"
+        f" ({snapshot.content_hash[:12]}): {len(pairs)} examples of {distinct} distinct pairs"
     )
     result, metrics = train_candidate(
         ctx,
@@ -70,7 +69,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
             hooks=ctx.hooks, resume=True,
         ),
         algorithm="dpo",
-        train_pairs=len(pairs),
+        train_examples=len(pairs),
+        train_pairs=distinct,
     )  # fmt: skip
     next_run = None
     if reward_id is not None:

@@ -9,6 +9,7 @@ from app.jobs.common import checkpoint_dir, model_dir, train_into
 from app.jobs.runner import RunContext
 from app.kinds.knobs import knobs_of
 from app.kinds.reward import RewardConfig, RewardKnobs, RewardRunConfig
+from app.ml.counts import distinct_pairs
 from app.ml.loading import pick_device
 from app.ml.preferences import split_by_prompt
 from app.ml.reward import train_reward_model
@@ -28,12 +29,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
     session.commit()
     train, val = split_by_prompt(examples, config.val_fraction, config.split_seed)
     ctx.log(
-        f"snapshot {snapshot.id} ({snapshot.content_hash[:12]}): {len(examples)} pairs,"
-        f" {len(train)} train / {len(val)} validation (split by prompt)"
+        f"snapshot {snapshot.id} ({snapshot.content_hash[:12]}): {len(examples)} examples of"
+        f" {distinct_pairs(examples)} distinct pairs; train {len(train)} examples of"
+        f" {distinct_pairs(train)} pairs, validation {len(val)} examples of"
+        f" {distinct_pairs(val)} pairs (split by prompt)"
     )
     if len(train) < reward_runs.MIN_TRAIN_PAIRS:
         raise InvalidInput(
-            f"only {len(train)} training pairs after the split;"
+            f"only {len(train)} training examples after the split;"
             f" need at least {reward_runs.MIN_TRAIN_PAIRS}"
         )
 
@@ -66,11 +69,18 @@ def run(ctx: RunContext) -> dict[str, Any]:
     )
 
     metrics: dict[str, Any] = {k: float(v) for k, v in result.final_metrics.items()}
+    # Examples are judgments, pairs distinct comparisons (three raters on one pair: 3 and 1).
+    metrics["train_examples"] = result.train_examples
     metrics["train_pairs"] = result.train_pairs
+    metrics["val_examples"] = result.val_examples
     metrics["val_pairs"] = result.val_pairs
     metrics["train_seconds"] = result.train_seconds
     if result.best_val_accuracy is not None:
         metrics["best_val_accuracy"] = result.best_val_accuracy
+        # The accuracy is over examples; its interval over the distinct pairs it rests on.
+        metrics["best_val_accuracy_pairs"] = result.best_val_accuracy_pairs
+        if result.best_val_accuracy_ci95 is not None:
+            metrics["best_val_accuracy_ci95"] = list(result.best_val_accuracy_ci95)
     version.metrics = metrics
     reward_runs.settle_reward_version(session, project, version)
     session.commit()

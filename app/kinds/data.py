@@ -26,9 +26,13 @@ class SnapshotConfig(Knobs):
     unsafe: Literal["include", "exclude"] = Field(
         "include", description="judgments flagged unsafe: keep (the preference still holds) or drop"
     )
-    aggregate: Literal["separate", "majority"] = Field(
+    aggregate: Literal["separate", "majority", "reliability"] = Field(
         "separate",
-        description="several raters on one pair: one sample each, or one majority sample",
+        description=(
+            "several raters on one pair: one sample per judgment, one majority sample per pair,"
+            " or one sample per pair soft-labelled with P(preferred side) from a model of each"
+            " rater's reliability (services/reliability.py)"
+        ),
     )
     sources: Literal["all", "raters", "imports"] = Field(
         "all", description="rater judgments, imported comparisons, or both"
@@ -41,9 +45,13 @@ class PreferenceExample:
 
     `prompt` is the conversation so far as chat messages (`{"role": ..., "content": ...}`); the
     two responses are the assistant turn that follows it. `label` is the probability that
-    `chosen` is better (1.0 for a clear preference, 0.5 for a tie used as a soft label); `margin`
+    `chosen` is better (1.0 for a clear preference, 0.5 for a tie used as a soft label, the
+    posterior of the raters' reliability model under `aggregate="reliability"`); `margin`
     is subtracted from the reward difference (stronger judgments ask for a wider gap). `group`
     keys the prompt for the split; when empty, the prompt's messages themselves are the key.
+    `pair` names the distinct comparison pair the example came from (`"pair:12"`), so a run can
+    count distinct pairs apart from judgments: three raters on one pair are three examples of
+    one pair under the "separate" aggregation.
     """
 
     prompt: list[dict[str, str]]
@@ -52,6 +60,7 @@ class PreferenceExample:
     margin: float = 0.0
     label: float = 1.0
     group: str = field(default="")
+    pair: str = field(default="")
 
     @property
     def group_key(self) -> str:

@@ -58,6 +58,7 @@ from app.ml.checkpoint import (
     seed_everything,
     trainable_state,
 )
+from app.ml.counts import decided_pairs, distinct_pairs, wilson_interval
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import save_model_dir
 from app.ml.loading import load_tokenizer, pick_device
@@ -548,8 +549,14 @@ class RewardResult:
     final_metrics: dict[str, float]
     best_val_accuracy: float | None
     best_step: int | None
+    # Examples are judgments (one per rater under the "separate" aggregation); pairs are the
+    # distinct comparison pairs among them (`app.ml.counts`).
+    train_examples: int
     train_pairs: int
+    val_examples: int
     val_pairs: int
+    best_val_accuracy_pairs: int  # the decided distinct validation pairs it was measured on
+    best_val_accuracy_ci95: tuple[float, float] | None  # Wilson, over those pairs
     train_seconds: float  # training only: steps and the `last_n` cache, not evaluations or saving
     stopped_early: bool
 
@@ -767,8 +774,14 @@ def train_reward_model(
         final_metrics=final_metrics,
         best_val_accuracy=best_accuracy,
         best_step=best_step,
-        train_pairs=len(train_set.pairs),
-        val_pairs=len(val_set.pairs),
+        train_examples=len(train_set.pairs),
+        train_pairs=distinct_pairs(train),
+        val_examples=len(val_set.pairs),
+        val_pairs=distinct_pairs(val),
+        best_val_accuracy_pairs=decided_pairs(val),
+        best_val_accuracy_ci95=(
+            None if best_accuracy is None else wilson_interval(best_accuracy, decided_pairs(val))
+        ),
         train_seconds=train_seconds,
         stopped_early=stopped_early,
     )

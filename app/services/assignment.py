@@ -220,6 +220,9 @@ def _queue_head(stmt: Select[_T], gold: bool) -> Select[_T]:
     conditions = [
         ComparisonPair.project_id == _PROJECT,
         ComparisonPair.gold_choice.is_not(None) if gold else ComparisonPair.gold_choice.is_(None),
+        # Moderation removed it from rating (`services/moderation.py`): never leased again. A
+        # lease taken before the removal is left to finish; its judgment is kept, not trained on.
+        ComparisonPair.rating_removed_at.is_(None),
         _untouched_by(_RATER, _PROJECT),
     ]
     if not gold:
@@ -528,6 +531,7 @@ def rater_counts(
                 ComparisonPair.gold_choice.is_not(None),
                 ComparisonPair.judgment_count < ComparisonPair.required_judgments,
             ),
+            ComparisonPair.rating_removed_at.is_(None),
             _untouched_by(rater.id, project.id),
         )
     )

@@ -147,11 +147,18 @@ def _answer(value: Any, where: str) -> str:
     return messages[0]["content"]
 
 
+# Fields a `trl` record may carry besides its comparison: those Verdict's own `trl` export writes
+# (app/services/exports.py). They are read past, not stored: the import keeps the comparison.
+TRL_EXPORT_FIELDS = frozenset({"id", "snapshot", "margin", "label"})
+
+
 def record_from_json(data: Any, line: int, fmt: Format) -> PreferenceRecord:
     """One decoded JSON object → a preference record. ValueError names what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("expected an object with 'chosen' and 'rejected'")
     extra = set(data) - {"prompt", "chosen", "rejected"}
+    if fmt == "trl":
+        extra -= TRL_EXPORT_FIELDS
     if extra and fmt != "auto":
         raise ValueError(f"unknown fields: {', '.join(sorted(extra))}")
     for key in ("chosen", "rejected"):

@@ -86,6 +86,7 @@ def project_states(
     open_pairs = select(ComparisonPair.project_id, func.count()).where(
         ComparisonPair.project_id.in_(ids),
         ComparisonPair.gold_choice.is_(None),
+        ComparisonPair.rating_removed_at.is_(None),
         ComparisonPair.judgment_count < ComparisonPair.required_judgments,
     )
     for pid, n in session.execute(open_pairs.group_by(ComparisonPair.project_id)):

@@ -19,7 +19,7 @@ from app.core.config import Settings
 from app.kinds.data import SnapshotConfig
 from app.kinds.reward import RewardRunConfig
 from app.models import ModelVersion, Project, Run
-from app.services import registry, runs, snapshots
+from app.services import audit, registry, runs, snapshots
 from app.services.projects import project_settings
 
 logger = logging.getLogger(__name__)
@@ -84,14 +84,23 @@ def settle_reward_version(session: Session, project: Project, version: ModelVers
     stays a candidate."""
     accuracy = (version.metrics or {}).get("best_val_accuracy")
     good_enough = accuracy is None or accuracy >= project_settings(project).min_reward_accuracy
-    has_active = session.scalar(
-        select(ModelVersion.id).where(
+    previous = session.scalar(
+        select(ModelVersion).where(
             ModelVersion.project_id == project.id,
             ModelVersion.kind == "reward",
             ModelVersion.status == "active",
         )
     )
-    if good_enough or has_active is None:
+    if good_enough or previous is None:
+        # The closed loop's promotion: audited like an admin's, as `model.promote` by no one.
+        audit.record(
+            session, "model.promote", project_id=project.id,
+            target=("model_version", version.id), kind="reward", version=version.version,
+            previous_id=previous.id if previous else None,
+            previous_version=previous.version if previous else None, trigger="auto",
+            reason="validation accuracy not measured" if accuracy is None
+            else f"best validation accuracy {accuracy:.4g}",
+        )  # fmt: skip
         registry.activate(session, version)
     else:
         version.status = "candidate"

@@ -12,14 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from app.kinds.data import PreferenceExample, SnapshotConfig
-from app.models import ComparisonPair, DatasetSnapshot, Judgment, Project, Prompt, Response, Run
+from app.models import (
+    ComparisonPair,
+    DatasetSnapshot,
+    Judgment,
+    Project,
+    Prompt,
+    RaterExclusion,
+    Response,
+    Run,
+)
+from app.services import audit, reliability
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.services.prompts import prompt_messages
 
@@ -33,7 +44,8 @@ class _Row:
     b: Response
 
 
-def _usable_filter(config: SnapshotConfig) -> list[Any]:
+def _config_filter(config: SnapshotConfig) -> list[Any]:
+    """SQL: the judgments `config` chooses (choices, gold, sources), before governance."""
     clauses: list[Any] = [
         Judgment.choice.in_(("a", "b", "tie") if config.ties == "soft" else ("a", "b"))
     ]
@@ -44,6 +56,55 @@ def _usable_filter(config: SnapshotConfig) -> list[Any]:
     elif config.sources == "imports":
         clauses.append(Judgment.source != "rater")
     return clauses
+
+
+def _rater_excluded() -> ColumnElement[bool]:
+    """SQL: the judgment's rater has a live exclusion in the judgment's project
+    (`services/exclusions.py`); imported judgments (no rater) never match."""
+    return exists().where(
+        RaterExclusion.project_id == Judgment.project_id,
+        RaterExclusion.rater_id == Judgment.rater_id,
+        RaterExclusion.lifted_at.is_(None),
+    )
+
+
+def _pair_moderated_out() -> ColumnElement[bool]:
+    """SQL: moderation took the judgment's pair out of training (excluded, or removed from
+    rating; `services/moderation.py`)."""
+    return or_(
+        ComparisonPair.training_excluded_at.is_not(None),
+        ComparisonPair.rating_removed_at.is_not(None),
+    )
+
+
+def _usable_filter(config: SnapshotConfig) -> list[Any]:
+    """SQL clauses (on Judgment joined to its ComparisonPair): the judgments a snapshot with
+    this config uses. Also leaves out the judgments of raters excluded in the project, past and
+    future ones alike while the exclusion is live, and those of pairs moderation excluded or
+    removed; the auto-trigger's counter and the exports read the same clauses."""
+    return [*_config_filter(config), ~_rater_excluded(), ~_pair_moderated_out()]
+
+
+def _left_out(session: Session, project: Project, config: SnapshotConfig) -> dict[str, Any]:
+    """What governance left out of a snapshot with this config, for its stats: judgments of
+    moderated pairs first, then the judgments of excluded raters on the other pairs, so the two
+    counts add up to everything left out (one query)."""
+    moderated = _pair_moderated_out()
+    excluded = _rater_excluded()
+    row = session.execute(
+        select(
+            func.count(Judgment.id).filter(moderated),
+            func.count(func.distinct(Judgment.pair_id)).filter(moderated),
+            func.count(Judgment.id).filter(~moderated, excluded),
+            func.count(func.distinct(Judgment.rater_id)).filter(~moderated, excluded),
+        )
+        .join(ComparisonPair, Judgment.pair_id == ComparisonPair.id)
+        .where(Judgment.project_id == project.id, *_config_filter(config))
+    ).one()
+    return {
+        "moderation": {"judgments": row[0] or 0, "pairs": row[1] or 0},
+        "raters": {"judgments": row[2] or 0, "raters": row[3] or 0},
+    }
 
 
 def _rows(session: Session, project_id: int, where: list[Any]) -> list[_Row]:
@@ -65,8 +126,9 @@ def _is_unsafe(judgment: Judgment) -> bool:
     return "unsafe" in (judgment.flags or [])
 
 
-def content_hash(rows: list[_Row], config: SnapshotConfig) -> str:
-    """SHA-256 of everything a training run reads from these judgments, and the config."""
+def content_hash(rows: Iterable[_Row], config: SnapshotConfig) -> str:
+    """SHA-256 of everything a training run reads from these judgments, and the config (read
+    once, in order: the exports stream a snapshot's rows through it batch by batch)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(config.model_dump(), sort_keys=True).encode())
     for r in rows:
@@ -110,15 +172,24 @@ def latest_snapshot(session: Session, project: Project) -> DatasetSnapshot | Non
 
 
 def create_snapshot(
-    session: Session, project: Project, config: SnapshotConfig | None = None
+    session: Session,
+    project: Project,
+    config: SnapshotConfig | None = None,
+    *,
+    actor_id: int | None = None,
+    run_id: int | None = None,
 ) -> DatasetSnapshot:
-    """Freeze the project's usable judgments (under `config`) into a new snapshot."""
+    """Freeze the project's usable judgments (under `config`) into a new snapshot. Audited,
+    with the person who asked for it or the training run that needed it."""
     config = config or SnapshotConfig()
     rows = _rows(session, project.id, _usable_filter(config))
     if config.unsafe == "exclude":
         rows = [r for r in rows if not _is_unsafe(r.judgment)]
     if not rows:
-        raise InvalidInput("no usable judgments to snapshot yet (ties, both-bad and gold excluded)")
+        raise InvalidInput(
+            "no usable judgments to snapshot yet (ties, both-bad and gold excluded, and the"
+            " judgments of excluded raters and moderated pairs)"
+        )
     all_counts = Counter(
         session.scalars(select(Judgment.choice).where(Judgment.project_id == project.id))
     )
@@ -133,11 +204,17 @@ def create_snapshot(
             "prompts": len({r.prompt.id for r in rows}),
             "project_choices": dict(all_counts),  # both_bad is counted here, never trained on
             "unsafe_flagged": sum(_is_unsafe(r.judgment) for r in rows),
+            "excluded": _left_out(session, project, config),
         },
         max_judgment_id=max(r.judgment.id for r in rows),
     )
     session.add(snapshot)
     session.flush()
+    audit.record(
+        session, "snapshot.create", actor_id=actor_id, project_id=project.id,
+        target=("snapshot", snapshot.id), run_id=run_id, judgments=snapshot.stats["judgments"],
+        pairs=snapshot.stats["pairs"],
+    )  # fmt: skip
     return snapshot
 
 
@@ -178,23 +255,45 @@ def load_examples(session: Session, snapshot: DatasetSnapshot) -> list[Preferenc
     return to_examples(rows, config)
 
 
-def to_examples(rows: list[_Row], config: SnapshotConfig) -> list[PreferenceExample]:
-    """Judgments → preference pairs under `config` (a, b are the pair's responses)."""
-    margins = {int(k): v for k, v in config.margin_by_strength.items()}
+def to_examples(
+    rows: Iterable[_Row],
+    config: SnapshotConfig,
+    *,
+    estimate: reliability.ReliabilityEstimate | None = None,
+) -> list[PreferenceExample]:
+    """Judgments → preference pairs under `config` (a, b are the pair's responses).
+
+    `config.aggregate` decides how several judgments of one pair combine: "separate" makes one
+    example per judgment, "majority" one per pair (`_majority`), "reliability" one soft-labelled
+    example per pair (`_reliability_examples`) from `estimate`, by default the reliability model
+    fitted to these rows' own decisive votes; a caller that feeds the rows in batches (an export)
+    passes the estimate of all of them, so every batch is labelled alike.
+    """
+    rows = list(rows)
+    if config.aggregate == "reliability":
+        return _reliability_examples(rows, config, estimate or reliability_estimate(rows))
+    margins = _margins(config)
     if config.aggregate == "majority":
         rows = _majority(rows)
     examples = []
     for r in rows:
         messages = prompt_messages(r.prompt)
         group = f"prompt:{r.prompt.id}"
+        pair = f"pair:{r.pair.id}"
         choice = r.judgment.choice
         if choice == "tie":
-            examples.append(PreferenceExample(messages, r.a.text, r.b.text, 0.0, 0.5, group))
+            examples.append(PreferenceExample(messages, r.a.text, r.b.text, 0.0, 0.5, group, pair))
             continue
         chosen, rejected = (r.a, r.b) if choice == "a" else (r.b, r.a)
         margin = margins.get(r.judgment.strength or 1, 0.0)
-        examples.append(PreferenceExample(messages, chosen.text, rejected.text, margin, 1.0, group))
+        examples.append(
+            PreferenceExample(messages, chosen.text, rejected.text, margin, 1.0, group, pair)
+        )
     return examples
+
+
+def _margins(config: SnapshotConfig) -> dict[int, float]:
+    return {int(k): v for k, v in config.margin_by_strength.items()}
 
 
 def _majority(rows: list[_Row]) -> list[_Row]:
@@ -219,6 +318,89 @@ def _majority(rows: list[_Row]) -> list[_Row]:
             )
         out.append(pick)
     return out
+
+
+def vote_rater(rater_id: int | None, source: str) -> int:
+    """Who a judgment's vote counts as in the reliability model: the rater's user id, or, for an
+    imported judgment (no rater), its source as one rater of its own — a negative id derived from
+    the source's name, stable across snapshots and never a user id. An import is one process
+    with one error rate, and an imported pair is judged once by it, so the source's accuracy
+    rests on the pairs raters judged too (none: the prior's 0.75)."""
+    if rater_id is not None:
+        return rater_id
+    return -1 - int.from_bytes(hashlib.sha256(source.encode()).digest()[:6], "big")
+
+
+def reliability_estimate(rows: Iterable[_Row]) -> reliability.ReliabilityEstimate:
+    """The reliability model fitted to these judgments' decisive votes (ties and both-bad are
+    not votes)."""
+    return reliability.estimate(
+        reliability.Vote(
+            r.pair.id,
+            vote_rater(r.judgment.rater_id, r.judgment.source),
+            r.judgment.choice,  # type: ignore[arg-type]  # "a" or "b", filtered below
+        )
+        for r in rows
+        if r.judgment.choice in ("a", "b")
+    )
+
+
+def _reliability_examples(
+    rows: list[_Row], config: SnapshotConfig, estimate: reliability.ReliabilityEstimate
+) -> list[PreferenceExample]:
+    """One example per pair, in the order of the pair's first row; its chosen side is the one
+    more likely better and its label that probability:
+
+    * p, the posterior P(a is better) of the pair's decisive votes, each weighted by its rater's
+      estimated reliability (`services/reliability.py`);
+    * with `ties="soft"`, each tie judgment counts as one more opinion of 0.5: the label is the
+      mean of p over the decisive votes and 0.5 over the ties, (n_decisive·p + n_ties·0.5) /
+      (n_decisive + n_ties), so a pair of ties alone is a 0.5 soft label as under "separate";
+    * the margin is the mean of `margin_by_strength` over the decisive judgments that chose the
+      winning side (none did, e.g. an adversarial rater's lone vote: 0).
+
+    A pair whose label is exactly 0.5 without any tie (a split between equally trusted raters)
+    is left out, as "majority" leaves a split out: it says nothing about which side is better,
+    and a 0.5 label would teach that the two are equal.
+    """
+    margins = _margins(config)
+    by_pair: dict[int, list[_Row]] = defaultdict(list)
+    for r in rows:
+        by_pair[r.pair.id].append(r)
+    examples = []
+    for pair_id, group in by_pair.items():
+        decisive = [r for r in group if r.judgment.choice in ("a", "b")]
+        ties = len(group) - len(decisive)
+        p_a = estimate.p_a[pair_id] if decisive else 0.5
+        p_a = (len(decisive) * p_a + ties * 0.5) / (len(decisive) + ties)
+        if p_a == 0.5 and not ties:
+            continue
+        first = group[0]
+        winner = "a" if p_a >= 0.5 else "b"
+        chosen, rejected = (first.a, first.b) if winner == "a" else (first.b, first.a)
+        agreeing = [
+            margins.get(r.judgment.strength or 1, 0.0)
+            for r in decisive
+            if r.judgment.choice == winner
+        ]
+        examples.append(
+            PreferenceExample(
+                prompt_messages(first.prompt),
+                chosen.text,
+                rejected.text,
+                sum(agreeing) / len(agreeing) if agreeing else 0.0,
+                max(p_a, 1.0 - p_a),
+                f"prompt:{first.prompt.id}",
+                f"pair:{pair_id}",
+            )
+        )
+    return examples
+
+
+def aggregation_stats(rows: Iterable[_Row], config: SnapshotConfig) -> dict[str, Any]:
+    """For a snapshot's stats: the aggregation its config chose and how many training examples
+    its judgments make under it (fewer than the judgments when it keeps one per pair)."""
+    return {"aggregate": config.aggregate, "examples": len(to_examples(rows, config))}
 
 
 @dataclass(frozen=True)
@@ -276,6 +458,6 @@ def snapshot_for_run(
     elif snapshot_id is not None:
         snapshot = get_snapshot(session, snapshot_id)
     else:
-        snapshot = create_snapshot(session, project, config)
+        snapshot = create_snapshot(session, project, config, run_id=run.id)
     run.snapshot_id = snapshot.id
     return snapshot, load_examples(session, snapshot)

@@ -49,9 +49,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rater_exclusions")),
     )  # fmt: skip
     with op.batch_alter_table("rater_exclusions") as batch:
-        batch.create_index(
-            batch.f("ix_rater_exclusions_project_id"), ["project_id"], unique=False
-        )
+        batch.create_index(batch.f("ix_rater_exclusions_project_id"), ["project_id"], unique=False)
     op.create_index(
         "uq_rater_exclusions_live",
         "rater_exclusions",

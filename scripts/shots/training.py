@@ -81,6 +81,17 @@ def seed(session: Any, ids: dict[str, Any]) -> None:
     )
     ppo.parent_run_id = reward.id
     ids["evaluation_run"] = evaluation.id
+    # The snapshot's 26 judgments of 15 pairs split by prompt; 4 of 5 examples right, 3 pairs.
+    reward.result = {
+        "model_version_id": ids["reward"], "snapshot_id": reward.snapshot_id, "active": True,
+        "metrics": {
+            "loss/val": 0.561, "accuracy/val": 0.8, "train_examples": 21, "train_pairs": 12,
+            "val_examples": 5, "val_pairs": 3, "best_val_accuracy": 0.8,
+            "best_val_accuracy_pairs": 3, "best_val_accuracy_ci95": [0.2877, 0.9754],
+            "train_seconds": 583.2,
+        },
+        "ppo_run_id": ppo.id,
+    }  # fmt: skip
 
 
 def ppo_field_error(page: Any) -> None:

@@ -385,6 +385,25 @@ def test_live_fragment_polls_while_the_run_lives_and_stops_when_it_ends(
     assert '<dt>evaluate_run_id</dt><dd><a href="/admin/runs/9">9</a></dd>' in ended
 
 
+def test_a_reward_result_says_examples_pairs_and_the_accuracy_s_interval(
+    seeded: Seeded, factory: Factory, browser_for: BrowserFor
+) -> None:
+    s = factory.session
+    s.execute(
+        sa.update(Run).where(Run.id == seeded.run.id).values(result={"metrics": {
+            "train_examples": 144, "train_pairs": 52, "val_examples": 36, "val_pairs": 12,
+            "best_val_accuracy": 0.75, "best_val_accuracy_pairs": 12,
+            "best_val_accuracy_ci95": [0.4676946650664343, 0.9110583316059452],
+        }})
+    )  # fmt: skip
+    s.commit()
+    html = browser_for(seeded.reviewer).get(f"/admin/runs/{seeded.run.id}").text
+    assert "<dt>metrics.train_examples</dt><dd>144</dd>" in html
+    assert "<dt>metrics.val_pairs</dt><dd>12</dd>" in html
+    assert "<dt>metrics.best_val_accuracy_pairs</dt><dd>12</dd>" in html
+    assert "<dt>metrics.best_val_accuracy_ci95</dt><dd>0.4677 to 0.9111</dd>" in html
+
+
 def test_live_fragment_does_not_take_the_next_pages_flash(
     seeded: Seeded, factory: Factory, browser_for: BrowserFor
 ) -> None:

@@ -110,6 +110,14 @@ def test_reward_run_trains_registers_and_scores(live: Stack) -> None:
     assert (version.kind, version.status, version.snapshot_id) == ("reward", "active", snapshot.id)
     assert len(snapshot.judgment_ids) == 64
     assert version.metrics["best_val_accuracy"] >= 0.75, version.metrics
+    # One judgment per pair here: examples and distinct pairs agree, and together make 64.
+    m = version.metrics
+    assert (m["train_examples"], m["val_examples"]) == (m["train_pairs"], m["val_pairs"])
+    assert m["train_examples"] + m["val_examples"] == 64
+    low, high = m["best_val_accuracy_ci95"]
+    assert m["best_val_accuracy_pairs"] == m["val_pairs"]
+    assert low < m["best_val_accuracy"] <= high
+    assert done.result["metrics"]["best_val_accuracy_ci95"] == [low, high]
 
     # Plain transformers loads it; its score at the last token matches Verdict's scorer.
     assert version.artifact_path

@@ -1,6 +1,7 @@
 """Console pages: a project's data. The prompt browser (search, filters, keyset pages), the page
-of one prompt (its responses, pairs and judgments; admins mark pairs gold there) and the upload
-page (prompts, or preference pairs to import).
+of one prompt (its responses, pairs and judgments; admins mark pairs gold there), the upload
+page (prompts, or preference pairs to import) and the Export form (`app.services.exports`; its
+download is answered as the API's `GET /api/v1/projects/{slug}/export` answers it).
 
 The queries live in `app.services.browse`; an upload goes through the same parsers, limits and
 stores as the API's (`POST /api/v1/projects/{slug}/prompts` and `.../imports`).
@@ -18,10 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.responses import Response
 
+from app.api import exports as export_api
 from app.api.deps import SessionDep, SettingsDep
 from app.core.config import Settings
 from app.models import Project, User
-from app.services import browse, generation, imports, snapshots
+from app.services import browse, exports, generation, imports, snapshots
 from app.services import prompts as prompt_service
 from app.services.errors import FieldError, InvalidInput, ServiceError
 from app.services.projects import project_settings
@@ -311,3 +313,56 @@ def _store_preferences(
             named.append(f"{len(result.skipped) - SKIPS_NAMED:,} more")
         said += f" {len(result.skipped):,} lines skipped ({'; '.join(named)})."
     return said
+
+
+@console_route(router, "GET", "/projects/{slug}/export", access="reader")
+def export_page(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    project: ProjectPage,
+    user: Reader,
+) -> Response:
+    """The Export form; submitted (it has a `format`), the download itself, through the same
+    service, checks and audit as `GET /api/v1/projects/{slug}/export`. A refused parameter is
+    shown at its field (422)."""
+    params = request.query_params
+    form = {k: params.get(k, "") for k in ("format", "snapshot", "since", "until", "salt")}
+    form["pseudonymize"] = "on" if params.get("pseudonymize") else ""
+    errors: dict[str, str] = {}
+    if form["format"]:
+        snapshot_id = _int(form["snapshot"])
+        try:
+            if form["snapshot"] and snapshot_id is None:
+                raise InvalidInput("", [FieldError(None, "snapshot", "choose a snapshot")])
+            plan = exports.prepare_export(
+                session,
+                project,
+                form["format"],
+                snapshot_id=snapshot_id,
+                since=form["since"] or None,
+                until=form["until"] or None,
+                pseudonymize=bool(form["pseudonymize"]),
+                salt=form["salt"] or None,
+                secret_key=settings.resolved_secret_key(),
+            )
+            if not export_api.may_export(user, plan):
+                raise InvalidInput(
+                    "", [FieldError(None, "pseudonymize", f"as a {user.role}, pseudonymise raters")]
+                )
+        except InvalidInput as exc:
+            errors = {e.field or "format": e.message for e in exc.errors}
+        else:
+            exports.record_export(session, plan, actor_id=user.id)
+            return export_api.streamed(request, plan)
+    context = {
+        "tab": "data",
+        "form": form,
+        "errors": errors,
+        "formats": exports.FORMATS.values(),
+        "snapshots": snapshots.snapshot_summaries(session, project, limit=100),
+    }
+    return page(
+        request, "console/data/export.html", user, context, section="project", project=project,
+        status_code=422 if errors else 200,
+    )  # fmt: skip

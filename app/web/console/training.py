@@ -96,8 +96,11 @@ def result_rows(result: dict[str, Any], prefix: str = "") -> list[tuple[str, Any
     return rows
 
 
-def measured(value: Any) -> str:
-    """A result value: numbers the way the model pages write them, the rest as `shown`."""
+def measured(value: Any, key: str = "") -> str:
+    """A result value: numbers the way the model pages write them, a 95 % interval (a key
+    ending `_ci95`) as its two ends, the rest as `shown`."""
+    if key.endswith("_ci95") and isinstance(value, list) and len(value) == 2:
+        return f"{plain(float(value[0]))} to {plain(float(value[1]))}"
     return plain(value) if isinstance(value, float) else shown(value)
 
 
