@@ -33,9 +33,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
         session, project, ps.heldout_fraction, ps.heldout_seed
     )
     held = {f"prompt:{i}" for i in heldout_ids}
-    # Ties are soft labels for a reward model; DPO needs a preferred side.
-    used = [e for e in examples if e.label == 1.0 and e.group not in held]
-    pairs = [PreferencePair(e.prompt, e.chosen, e.rejected) for e in used]
+    # A tie (label 0.5) names no preferred side: DPO leaves it out. A reliability-weighted label
+    # (0.5 < p <= 1) trains with that pair's own smoothing (`app.ml.dpo.pair_smoothing`).
+    used = [e for e in examples if e.label > 0.5 and e.group not in held]
+    pairs = [PreferencePair(e.prompt, e.chosen, e.rejected, e.label) for e in used]
     distinct = distinct_pairs(used)
     if len(pairs) < policy_runs.MIN_DPO_PAIRS:
         raise InvalidInput(

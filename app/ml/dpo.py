@@ -54,11 +54,17 @@ _RESUMABLE_FIELDS = {"checkpoint_every"}
 
 @dataclass
 class PreferencePair:
-    """One judgment as plain data: the prompt, the preferred and the dispreferred response."""
+    """One judgment as plain data: the prompt, the preferred and the dispreferred response.
+
+    `label` is the probability that `chosen` is the better one: 1.0 for a human's judgment, the
+    posterior of a reliability-weighted snapshot otherwise (`snapshots.to_examples`). A label
+    below 1 trains like conservative DPO with that pair's own smoothing (see `pair_smoothing`).
+    """
 
     prompt: PromptLike
     chosen: str
     rejected: str
+    label: float = 1.0
 
 
 @dataclass
@@ -77,11 +83,12 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and the implicit rewards beta*(logpi - logpi_ref) of both sides.
 
-    Inputs are summed completion log-probabilities, one per pair. Returns
+    Inputs are summed completion log-probabilities, one per pair; `label_smoothing` is one
+    number for every pair or one per pair (`pair_smoothing`). Returns
     `(losses, chosen_rewards, rejected_rewards)`; the rewards are detached (for metrics only).
     """
     chosen_logratio = policy_chosen_logps - ref_chosen_logps
@@ -91,6 +98,16 @@ def dpo_loss(
         -F.logsigmoid(logits) * (1.0 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
     )
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def pair_smoothing(labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-pair smoothing ε_i for `dpo_loss`: the probability that `chosen` is the worse side.
+
+    A pair's own label p_i (P(chosen is better)) and the run's `label_smoothing` ε (the chance
+    any label is flipped) combine to P(chosen better) = p_i(1 − ε) + (1 − p_i)ε, so
+    ε_i = 1 − that. With p_i = 1 this is ε: hard labels train exactly as before.
+    """
+    return 1.0 - (labels * (1.0 - label_smoothing) + (1.0 - labels) * label_smoothing)
 
 
 def completion_logps(
@@ -245,8 +262,14 @@ def train_dpo(
             with torch.no_grad(), ref_context():
                 ref = completion_logps(ref_model, ids, attention, completion)
             logps = completion_logps(policy, ids, attention, completion)
+            labels = torch.tensor(
+                [data[i].label for i in batch[start : start + micro]],
+                dtype=logps.dtype,
+                device=logps.device,
+            )
+            smoothing = pair_smoothing(labels, config.label_smoothing)
             losses, chosen_r, rejected_r = dpo_loss(
-                logps[:n], logps[n:], ref[:n], ref[n:], config.beta, config.label_smoothing
+                logps[:n], logps[n:], ref[:n], ref[n:], config.beta, smoothing
             )
             # Weight by the micro-batch share so an uneven last batch still averages correctly.
             (losses.sum() / len(batch)).backward()

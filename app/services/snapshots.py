@@ -205,6 +205,7 @@ def create_snapshot(
             "project_choices": dict(all_counts),  # both_bad is counted here, never trained on
             "unsafe_flagged": sum(_is_unsafe(r.judgment) for r in rows),
             "excluded": _left_out(session, project, config),
+            **aggregation_stats(rows, config),
         },
         max_judgment_id=max(r.judgment.id for r in rows),
     )

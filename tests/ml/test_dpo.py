@@ -70,6 +70,22 @@ def test_dpo_loss_by_hand() -> None:
     assert float(smoothed[0]) == pytest.approx(expected, abs=1e-6)
 
 
+def test_soft_labels_smooth_each_pair_by_hand() -> None:
+    t = torch.tensor
+    # Labels p = (1, 0.8, 0.5) with the run's smoothing 0.1: P(chosen better) = 0.9p + 0.1(1-p)
+    # = (0.9, 0.74, 0.5), so the pairs' smoothing is (0.1, 0.26, 0.5).
+    smoothing = dpo.pair_smoothing(t([1.0, 0.8, 0.5]), 0.1)
+    assert smoothing.tolist() == pytest.approx([0.1, 0.26, 0.5], abs=1e-6)
+    assert dpo.pair_smoothing(t([1.0, 0.8]), 0.0).tolist() == pytest.approx([0.0, 0.2], abs=1e-6)
+    # Three copies of the hand-computed pair above (logits = 1), one smoothing each.
+    losses, _, _ = dpo.dpo_loss(
+        t([-1.0] * 3), t([-3.0] * 3), t([-2.0] * 3), t([-2.0] * 3), 0.5, smoothing
+    )
+    good, bad = math.log1p(math.exp(-1.0)), math.log1p(math.exp(1.0))
+    expected = [(1 - e) * good + e * bad for e in (0.1, 0.26, 0.5)]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+
+
 def test_completion_tokens_end_with_eos_and_exclude_prompt() -> None:
     from tests.tiny_models import make_tokenizer
 

@@ -199,3 +199,24 @@ def test_dpo_run_trains_from_a_snapshot_and_is_evaluated(live: Stack) -> None:
     with live.session() as s:
         version = s.get(ModelVersion, version.id)
     assert version is not None and "kl_to_parent" in version.metrics
+
+
+def test_dpo_trains_on_a_reliability_weighted_snapshot(live: Stack) -> None:
+    # One rater per pair: the reliability model has no overlap to learn from, so every label is
+    # its prior's 0.75. DPO trains on them with each pair's own smoothing instead of refusing
+    # them as ties (it once kept only labels equal to 1).
+    project_id, _ = project_with_reward_model(live, "dpo-soft")
+    seed_judgments(live, project_id, 12)
+    run = create(
+        live, project_id, "dpo",
+        {"epochs": 1, "batch_size": 4, "max_length": 64, "data": {"aggregate": "reliability"}},
+    )  # fmt: skip
+    done = live.wait_status(run.id, FINISHED, timeout=180)
+    assert done.status == "succeeded", (done.error, done.log_tail)
+    with live.session() as s:
+        version = s.scalar(select(ModelVersion).where(ModelVersion.run_id == run.id))
+        snapshot = s.get(DatasetSnapshot, done.snapshot_id)
+    assert version is not None and snapshot is not None
+    assert snapshot.config["aggregate"] == "reliability"
+    assert (snapshot.stats["aggregate"], snapshot.stats["examples"]) == ("reliability", 12)
+    assert 0 < version.metrics["train_examples"] < 12

@@ -160,3 +160,10 @@ def plain(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {plain(v)}" for k, v in value.items())
     return "—" if value is None else str(value)
+
+
+def metric_text(key: str, value: Any) -> str:
+    """`plain`, except that a 95 % interval (a key ending `_ci95`) reads as its two ends."""
+    if key.endswith("_ci95") and isinstance(value, list) and len(value) == 2:
+        return f"{plain(float(value[0]))} to {plain(float(value[1]))}"
+    return plain(value)

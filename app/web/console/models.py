@@ -37,8 +37,8 @@ from app.web.console.common import (
     done,
     flash,
     htmx,
+    metric_text,
     page,
-    plain,
 )
 
 router = APIRouter(prefix="/admin")
@@ -174,7 +174,7 @@ def metric_sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, 
     """A version's metrics as titled key/value lists: its top-level figures, then each nested
     group (training metrics, evaluation figures, the held-out split, ...). The evaluation's
     samples are shown side by side elsewhere; the promotion rule has its own line."""
-    top = [(k, plain(v)) for k, v in metrics.items() if not isinstance(v, dict)]
+    top = [(k, metric_text(k, v)) for k, v in metrics.items() if not isinstance(v, dict)]
     sections = [("Figures", top)] if top else []
     order = list(SECTION_TITLES)
     groups = sorted(metrics, key=lambda k: order.index(k) if k in order else len(order))
@@ -183,7 +183,7 @@ def metric_sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, 
         if not isinstance(value, dict) or key == "promotion_rule":
             continue
         items = sorted(value.items()) if key == "train" else list(value.items())
-        rows = [(k, plain(v)) for k, v in items if k != "samples"]
+        rows = [(k, metric_text(k, v)) for k, v in items if k != "samples"]
         if rows:
             sections.append((SECTION_TITLES.get(key, key.replace("_", " ")), rows))
     return sections

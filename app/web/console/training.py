@@ -44,6 +44,7 @@ from app.web.console.common import (
     console_route,
     done,
     flash,
+    metric_text,
     page,
     plain,
 )
@@ -99,8 +100,8 @@ def result_rows(result: dict[str, Any], prefix: str = "") -> list[tuple[str, Any
 def measured(value: Any, key: str = "") -> str:
     """A result value: numbers the way the model pages write them, a 95 % interval (a key
     ending `_ci95`) as its two ends, the rest as `shown`."""
-    if key.endswith("_ci95") and isinstance(value, list) and len(value) == 2:
-        return f"{plain(float(value[0]))} to {plain(float(value[1]))}"
+    if key.endswith("_ci95"):
+        return metric_text(key, value)
     return plain(value) if isinstance(value, float) else shown(value)
 
 
