@@ -28,7 +28,9 @@ SCREENSHOT = ROOT_DIR / "docs" / "screenshots" / "rating.png"
 def login_with_keyboard(page: Page, email: str, slug: str) -> None:
     page.goto(f"/p/{slug}/rate")
     expect(page).to_have_url(re.compile(r"/login\?next=/p/"))
-    page.keyboard.type(email)  # the email field has autofocus
+    # The email field has autofocus; typing before the page gave it focus loses keystrokes.
+    expect(page.locator("#email")).to_be_focused()
+    page.keyboard.type(email)
     page.keyboard.press("Tab")
     page.keyboard.type(TEST_PASSWORD)
     page.keyboard.press("Enter")

@@ -92,6 +92,7 @@ def test_the_rater_page_says_when_answers_are_being_written(
     web_factory.session.commit()
     web_factory.user(email="early@example.com")
     page.goto("/p/writing/rate")
+    expect(page.locator("#email")).to_be_focused()  # autofocus, once the page has loaded
     page.keyboard.type("early@example.com")
     page.keyboard.press("Tab")
     page.keyboard.type("correct horse battery")
