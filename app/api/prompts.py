@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
-from app.services import generation
+from app.services import generation, inputs
 from app.services import prompts as prompt_service
 from app.services.errors import (
     FieldError,
@@ -155,7 +155,11 @@ async def upload_prompts(
 
 def _parse_json_body(body: bytes, max_records: int) -> list[prompt_service.PromptRecord]:
     try:
-        data = json.loads(body)
+        data = inputs.loads(body, envelope=2)
+    except inputs.NestedTooDeep as exc:
+        raise InvalidInput(
+            "the body is nested too deeply", [FieldError(None, None, str(exc))]
+        ) from exc
     except UnicodeDecodeError as exc:
         raise InvalidInput(
             "body is not valid UTF-8", [FieldError(None, None, f"not valid UTF-8: {exc.reason}")]

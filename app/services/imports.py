@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ComparisonPair, Judgment, Project, Prompt, Response
-from app.services import audit
+from app.services import audit, inputs
 from app.services.errors import FieldError, InvalidInput, PayloadTooLarge
 from app.services.prompts import MAX_REPORTED_ERRORS, ROLES, _decoded_lines
 
@@ -228,8 +228,9 @@ def parse_preferences(
                 [FieldError(None, None, f"more than {max_records} records")],
             )
         try:
-            data = json.loads(text)
+            data = inputs.loads(text)
             record = record_from_json(data, number, fmt)
+            _check_strings(record)
             if not record.chosen.strip() or not record.rejected.strip():
                 raise _Skip("an answer is empty")
             if record.chosen == record.rejected:
@@ -252,6 +253,15 @@ def parse_preferences(
     if not records:
         raise InvalidInput("the file has no usable records", [FieldError(None, None, "no records")])
     return records, skipped
+
+
+def _check_strings(record: PreferenceRecord) -> None:
+    """ValueError naming the field if a string of the record could not be stored."""
+    fields = [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(record.prompt)]
+    fields += [("chosen", record.chosen), ("rejected", record.rejected)]
+    for name, text in fields:
+        if (problem := inputs.string_problem(text)) is not None:
+            raise ValueError(f"{name} {problem}")
 
 
 # --- storing ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import ComparisonPair, Project, Prompt, Response
-from app.services import audit
+from app.services import audit, inputs
 from app.services.errors import FieldError, InvalidInput, UnsupportedMediaType
 from app.services.projects import project_settings
 
@@ -126,6 +126,8 @@ def validate_record(data: Any, line: int, errors: list[FieldError]) -> PromptRec
             external_id = str(external_id).strip()
             if not external_id:
                 err("external_id", "must not be empty")
+            elif (problem := inputs.string_problem(external_id)) is not None:
+                err("external_id", problem)
             elif len(external_id) > MAX_EXTERNAL_ID_CHARS:
                 err("external_id", f"longer than {MAX_EXTERNAL_ID_CHARS} characters")
             else:
@@ -133,10 +135,12 @@ def validate_record(data: Any, line: int, errors: list[FieldError]) -> PromptRec
 
     metadata = data.get("metadata")
     if metadata is not None:
-        if isinstance(metadata, dict):
-            record.metadata = metadata
-        else:
+        if not isinstance(metadata, dict):
             err("metadata", f"must be an object, got {_type_name(metadata)}")
+        elif (problem := inputs.value_problem(metadata)) is not None:
+            err("metadata", problem)
+        else:
+            record.metadata = metadata
 
     responses = data.get("responses")
     if responses is not None:
@@ -155,8 +159,8 @@ def _check_text(value: Any, name: str, err: Any) -> str | None:
     if len(value) > MAX_TEXT_CHARS:
         err(name, f"longer than {MAX_TEXT_CHARS} characters")
         return None
-    if "\x00" in value:
-        err(name, "contains a NUL character")
+    if (problem := inputs.string_problem(value)) is not None:
+        err(name, problem)
         return None
     return value
 
@@ -218,6 +222,9 @@ def _check_responses(value: Any, err: Any) -> list[ResponseIn]:
         model = item.get("model")
         if model is not None and not isinstance(model, str):
             err(f"{where}.model", f"must be a string, got {_type_name(model)}")
+            continue
+        if model is not None and (problem := inputs.string_problem(model)) is not None:
+            err(f"{where}.model", problem)
             continue
         if text is not None:
             out.append(ResponseIn(text=text, model=model or None))
@@ -314,11 +321,14 @@ def parse_jsonl(
         count += 1
         _limit_records(count, max_records)
         try:
-            data = json.loads(text)
+            data = inputs.loads(text)
         except json.JSONDecodeError as exc:
             errors.append(
                 FieldError(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
             )
+            continue
+        except inputs.NestedTooDeep as exc:
+            errors.append(FieldError(number, None, str(exc)))
             continue
         if (record := validate_record(data, number, errors)) is not None:
             records.append(record)
@@ -394,9 +404,12 @@ def _csv_row_to_record(
             continue
         if key in CSV_JSON_COLUMNS:
             try:
-                data[key] = json.loads(cell)
+                data[key] = inputs.loads(cell)
             except json.JSONDecodeError as exc:
                 errors.append(FieldError(line, key, f"malformed JSON in cell: {exc.msg}"))
+                ok = False
+            except inputs.NestedTooDeep as exc:
+                errors.append(FieldError(line, key, str(exc)))
                 ok = False
         elif key.startswith(("response_", "model_")):
             kind, _, index = key.partition("_")
