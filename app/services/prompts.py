@@ -26,6 +26,7 @@ from app.services.projects import project_settings
 ROLES = ("system", "user", "assistant")
 MAX_TEXT_CHARS = 200_000
 MAX_EXTERNAL_ID_CHARS = 200
+MAX_MODEL_NAME_CHARS = 200  # responses.model_name is a VARCHAR(200)
 MAX_RESPONSES = 16
 RECORD_FIELDS = {"prompt", "messages", "external_id", "metadata", "responses"}
 # Reported once; past this many, a file is clearly wrong in a systematic way.
@@ -225,6 +226,9 @@ def _check_responses(value: Any, err: Any) -> list[ResponseIn]:
             continue
         if model is not None and (problem := inputs.string_problem(model)) is not None:
             err(f"{where}.model", problem)
+            continue
+        if model is not None and len(model) > MAX_MODEL_NAME_CHARS:
+            err(f"{where}.model", f"longer than {MAX_MODEL_NAME_CHARS} characters")
             continue
         if text is not None:
             out.append(ResponseIn(text=text, model=model or None))
