@@ -5,10 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def encodable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (\\udXXX): an error that quotes the
+    input it refuses must itself be sendable as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ServiceError(Exception):
     status_code = 400
 
     def __init__(self, message: str) -> None:
+        message = encodable(message)
         super().__init__(message)
         self.message = message
 
@@ -42,7 +49,8 @@ class FieldError:
     message: str
 
     def as_dict(self) -> dict[str, object]:
-        return {"line": self.line, "field": self.field, "message": self.message}
+        field = None if self.field is None else encodable(self.field)
+        return {"line": self.line, "field": field, "message": encodable(self.message)}
 
 
 @dataclass
@@ -52,4 +60,4 @@ class InvalidInput(ServiceError):
     status_code: int = 422
 
     def __post_init__(self) -> None:
-        super().__init__(self.message)
+        super().__init__(self.message)  # sets self.message, made encodable

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 from app.models import ComparisonPair, Judgment, Project, Prompt, Response
 from app.services import audit, inputs
 from app.services.errors import FieldError, InvalidInput, PayloadTooLarge
-from app.services.prompts import MAX_REPORTED_ERRORS, ROLES, _decoded_lines
+from app.services.prompts import MAX_REPORTED_ERRORS, ROLES, _decoded_lines, byte_lines
 
 Format = Literal["auto", "hh-rlhf", "trl"]
 FORMATS = ("auto", "hh-rlhf", "trl")
@@ -74,21 +75,35 @@ class _Skip(Exception):
 # --- parsing --------------------------------------------------------------------------------
 
 
-def maybe_gunzip(raw: bytes, limit: int) -> bytes:
-    """Decompress gzip data (recognised by its magic bytes), refusing an outsized result."""
+def file_lines(raw: bytes, limit: int) -> Iterator[bytes]:
+    """The file's lines, decompressed as they are read when it is gzip (recognised by its magic
+    bytes): memory holds one line, not the decompressed file. A line longer than `limit` (the
+    upload limit) or a file that decompresses to more than `GZIP_EXPANSION_LIMIT` times it is
+    refused, so a compressed bomb costs neither memory nor unbounded time."""
     if not raw.startswith(b"\x1f\x8b"):
-        return raw
+        yield from byte_lines(raw)
+        return
     cap = limit * GZIP_EXPANSION_LIMIT
+    total = 0
     with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-        try:
-            data = f.read(cap + 1)
-        except (OSError, EOFError) as exc:
-            raise InvalidInput(
-                "the file is not valid gzip", [FieldError(None, None, str(exc))]
-            ) from exc
-    if len(data) > cap:
-        raise PayloadTooLarge(f"the decompressed file is larger than {cap} bytes")
-    return data
+        while True:
+            try:
+                chunk = f.readline(limit + 1)
+            except (OSError, EOFError) as exc:
+                raise InvalidInput(
+                    "the file is not valid gzip", [FieldError(None, None, str(exc))]
+                ) from exc
+            total += len(chunk)
+            if total > cap:
+                raise PayloadTooLarge(f"the decompressed file is larger than {cap} bytes")
+            if len(chunk) > limit:
+                raise PayloadTooLarge(
+                    f"a line of the decompressed file is longer than {limit} bytes"
+                )
+            if not chunk.endswith(b"\n"):
+                yield chunk  # the last line (empty when the file ends with a line end)
+                return
+            yield chunk[:-1]
 
 
 def parse_hh_transcript(text: str) -> list[dict[str, str]]:
@@ -212,9 +227,8 @@ def parse_preferences(
             f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}",
             [FieldError(None, "format", "unknown")],
         )
-    text_errors: list[FieldError] = []
-    lines = _decoded_lines(maybe_gunzip(raw, max_bytes), text_errors)
-    errors = list(text_errors)
+    errors: list[FieldError] = []  # filled by the line decoder as well
+    lines = _decoded_lines(file_lines(raw, max_bytes), errors)
     records: list[PreferenceRecord] = []
     skipped: list[dict[str, Any]] = []
     count = 0

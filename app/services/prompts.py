@@ -288,14 +288,27 @@ def parse_json_records(data: Any, max_records: int) -> list[PromptRecord]:
     return _finish(records, errors, "the request")
 
 
-def _decoded_lines(raw: bytes, errors: list[FieldError]) -> list[tuple[int, str]]:
-    """Split into lines and decode each as UTF-8, reporting bad bytes by line and column."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    out = []
-    for number, chunk in enumerate(raw.split(b"\n"), 1):
+def byte_lines(raw: bytes, *, final_empty: bool = True) -> Iterator[bytes]:
+    """The lines of `raw` without their line ends, one at a time (never a list of them all);
+    with `final_empty`, as `bytes.split` gives them: with the empty line after a last line end."""
+    with io.BytesIO(raw) as f:  # shares `raw`'s buffer: no copy
+        for chunk in f:
+            yield chunk.removesuffix(b"\n")
+    if final_empty and (raw.endswith(b"\n") or not raw):
+        yield b""
+
+
+def _decoded_lines(
+    lines: Iterable[bytes], errors: list[FieldError], *, replace_bad: bool = False
+) -> Iterator[tuple[int, str]]:
+    """Decode each line as UTF-8 as it is read, reporting bad bytes by line and column (into
+    `errors`); such a line is skipped, or with `replace_bad` given with U+FFFD for the bad bytes
+    (so that a CSV reader's line count stays right). Streams: memory stays one line."""
+    for number, chunk in enumerate(lines, 1):
+        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]
         try:
-            out.append((number, chunk.decode("utf-8").rstrip("\r")))
+            yield number, chunk.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError as exc:
             errors.append(
                 FieldError(
@@ -304,7 +317,8 @@ def _decoded_lines(raw: bytes, errors: list[FieldError]) -> list[tuple[int, str]
                     f"not valid UTF-8: byte 0x{chunk[exc.start]:02x} at column {exc.start + 1}",
                 )
             )
-    return out
+            if replace_bad:
+                yield number, chunk.decode("utf-8", "replace").rstrip("\r")
 
 
 Progress = Callable[[int, int], None]
@@ -316,10 +330,10 @@ def parse_jsonl(
     errors: list[FieldError] = []
     records: list[PromptRecord] = []
     count = 0
-    lines = _decoded_lines(raw, errors)
-    for number, text in lines:
+    total_lines = raw.count(b"\n") + 1
+    for number, text in _decoded_lines(byte_lines(raw), errors):
         if progress is not None and number % 1000 == 0:
-            progress(number, len(lines))
+            progress(number, total_lines)
         if not text.strip():
             continue
         count += 1
@@ -346,11 +360,11 @@ def parse_csv(raw: bytes, max_records: int, progress: Progress | None = None) ->
     """CSV with a header row: `prompt` or `messages` (JSON), and optional `external_id`,
     `metadata` (JSON object), `responses` (JSON array) or `response_1`, `model_1`, ... columns."""
     errors: list[FieldError] = []
-    lines = _decoded_lines(raw, errors)
-    if errors:
-        _finish([], errors, "the file")
-    text = "\n".join(line for _, line in lines)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    total_lines = raw.count(b"\n") + 1
+    # Lines are decoded as the reader asks for them; a bad byte is reported with its line, and
+    # the rest of the file is still checked (every error at once).
+    lines = _decoded_lines(byte_lines(raw, final_empty=False), errors, replace_bad=True)
+    reader = csv.reader(line + "\n" for _, line in lines)
     try:
         header = next(reader)
     except StopIteration:
@@ -381,7 +395,7 @@ def parse_csv(raw: bytes, max_records: int, progress: Progress | None = None) ->
             errors.append(FieldError(line, None, f"malformed CSV: {exc}"))
             break
         if progress is not None and line % 1000 == 0:
-            progress(line, len(lines))
+            progress(line, total_lines)
         if not any(cell.strip() for cell in row):
             continue
         count += 1

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.models import Project, Prompt
@@ -128,22 +128,22 @@ def post_prompts(client: TestClient, url: str, headers: Any, how: str, record: A
             content=dumps({"prompts": [record]}),
             headers={**headers, "Content-Type": "application/json"},
         )
-    payload = dumps(record) + b"\n"
-    name = "p.jsonl"
-    if how == "jsonl.gz":
-        payload, name = gzip.compress(payload), "p.jsonl.gz"
     return client.post(
-        url, files={"file": (name, payload, "application/octet-stream")}, headers=headers
+        url,
+        files={"file": ("p.jsonl", dumps(record) + b"\n", "application/octet-stream")},
+        headers=headers,
     )
 
 
 @PROPERTY_SETTINGS
 @given(
-    how=st.sampled_from(["json", "jsonl", "jsonl.gz"]),
+    how=st.sampled_from(["json", "jsonl"]),
     field=st.sampled_from(PROMPT_FIELDS + [f"responses[0].{f}" for f in RESPONSE_FIELDS]),
     value=VALUES,
     n=st.integers(min_value=0, max_value=10**9),
 )
+# Found by Hypothesis: an error quoting a lone surrogate key could not be encoded (500).
+@example(how="jsonl", field="messages", value=[{"\ud800": None}], n=0)
 def test_any_value_in_any_prompt_field(
     client: TestClient,
     project: Project,
