@@ -103,16 +103,26 @@ class Seeded:
 
 @pytest.fixture
 def seeded(factory: Factory) -> Seeded:
+    return seed(factory)
+
+
+def seed(factory: Factory, hostile: str | None = None) -> Seeded:
+    """One of everything a console page shows; with `hostile`, that text (an XSS corpus) in
+    every untrusted place: prompt, answers, rationale, run log, run and evaluation samples."""
     admin, reviewer, rater = factory.user("admin"), factory.user("reviewer"), factory.user()
     project = factory.project("console", base_policy="/models/base")
-    pair = factory.pair(project, ("an answer", "another answer"), prompt="A console question?")
+    pair = factory.pair(
+        project,
+        (hostile or "an answer", (hostile or "") + "another answer"),
+        prompt=hostile or "A console question?",
+    )
     s = factory.session
     prompt = s.get(Prompt, pair.prompt_id)
     assert prompt is not None
     s.add(
         Judgment(
             project_id=project.id, pair_id=pair.id, rater_id=rater.id, choice="a", strength=2,
-            flags=["unsafe"], rationale="clearer",
+            flags=["unsafe"], rationale=hostile or "clearer",
         )
     )  # fmt: skip
     pair.judgment_count += 1
@@ -145,6 +155,12 @@ def seeded(factory: Factory) -> Seeded:
                           status="candidate", parent_id=base.id, reward_model_id=reward.id,
                           metrics={"score_gain": 0.3, "kl_to_parent": 1.2})  # fmt: skip
     s.add(policy)
+    if hostile is not None:
+        sample = {"prompt": hostile, "response": hostile, "parent_response": hostile,
+                  "reward": 0.5, "score": 0.5, "parent_score": 0.1}  # fmt: skip
+        reward_run.log_tail = hostile
+        reward_run.result = {"samples": {"1": [sample]}}
+        policy.metrics = {**(policy.metrics or {}), "evaluation": {"samples": [sample]}}
     s.commit()
     invite = users.create_invite(s, role="rater", note="seeded", actor=admin).invite
     s.commit()
