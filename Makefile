@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The pinned CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-fast lint format browser services clean
+.PHONY: install demo test test-fast stack-smoke lint format browser services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ format: install
 
 test: install browser services lint
 	$(BIN)/pytest
+
+# The production compose stack without Docker: the commands of docker-compose.yml (read from it)
+# as local processes on this machine's PostgreSQL and Redis, through one closed loop of the API.
+stack-smoke: install services
+	$(BIN)/python -m scripts.stack_smoke
 
 # Everything but the browser, worker and real-SmolLM2 tests: a quick loop while coding.
 test-fast: install

@@ -7,9 +7,11 @@ command starts with.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -288,10 +290,28 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
-    """Serve the web app and API."""
+    """Serve the web app and API (with several workers, /metrics sums them all)."""
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers)
+    from app.core.config import get_settings
+
+    # Before anything imports prometheus_client (app.main does, in each worker): every
+    # process then writes its samples under metrics_dir, emptied of an earlier start's files.
+    # Not imported from app.core.metrics, which would import prometheus_client here too soon.
+    settings = get_settings()
+    metrics_dir = settings.metrics_dir
+    if metrics_dir.exists():
+        shutil.rmtree(metrics_dir)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    options: dict[str, Any] = {}
+    if settings.log_format == "json":
+        from app.core.logs import uvicorn_log_config
+
+        options["log_config"] = uvicorn_log_config()
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=host, port=port, workers=workers, **options
+    )
 
 
 @app.command()

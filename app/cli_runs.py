@@ -374,8 +374,12 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="ignored by the solo pool")] = 1,
     beat: Annotated[bool, typer.Option(help="also run the scheduler inside this worker")] = False,
     name: Annotated[
-        str, typer.Option(help="node name (two workers on one host need different ones)")
-    ] = "verdict@%h",
+        str | None,
+        typer.Option(
+            help="node name; default: the queues at the host (gpu@%h, default@%h), so workers of"
+            " different queues on one host never share one (%h is the host name)"
+        ),
+    ] = None,
     sole: Annotated[
         bool,
         typer.Option(
@@ -387,18 +391,32 @@ def worker(
 ) -> None:
     """Start a Celery worker (model work: --pool=solo on the gpu queue). At start it sends again
     the message of every queued run of its queues, so nothing stays queued with nobody on it."""
-    argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queues, "-n", name,
-        f"--loglevel={loglevel}",
-        # No gossip, mingle or worker events: they need broadcast, which the SQLite broker
-        # lacks, and they slow the start of every worker.
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
+    argv = worker_argv(queues, pool=pool, concurrency=concurrency, name=name, loglevel=loglevel)
     if beat:
         argv += ["--beat", f"--schedule={_schedule_file()}"]
     env = {**os.environ, SOLE_WORKER_ENV: "1" if sole else ""}
     os.execve(sys.executable, argv, env)
+
+
+def default_node_name(queues: str) -> str:
+    """`gpu@%h`, `default@%h`, `gpu-default@%h`: one name per set of queues on a host (Celery
+    expands %h). Two workers of one queue on one host still need `--name` (`gpu1@%h`)."""
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    return f"{'-'.join(names) or 'celery'}@%h"
+
+
+def worker_argv(
+    queues: str, *, pool: str, concurrency: int, name: str | None, loglevel: str
+) -> list[str]:
+    """The `celery worker` command line that `verdict worker` runs."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        f"--pool={pool}", f"--concurrency={concurrency}", "-Q", queues,
+        "-n", name or default_node_name(queues), f"--loglevel={loglevel}",
+        # No gossip, mingle or worker events: they need broadcast, which the SQLite broker
+        # lacks, and they slow the start of every worker.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
 
 
 def scheduler(loglevel: Annotated[str, typer.Option()] = "info") -> None:

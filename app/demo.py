@@ -161,7 +161,9 @@ class Child:
 
 def _worker(name: str, queue: str, node: str, logs: Path) -> Child:
     """A solo worker consuming one queue, started the way `verdict worker` starts one; it is
-    the only worker of that queue (`--sole`)."""
+    the only worker of that queue (`--sole`). Like every worker it sizes torch to
+    `VERDICT_TORCH_THREADS` (1: the demo's web server and second worker share the cores, see
+    docs/operations.md, "Worker sizing"), in `workers.celery_app`."""
     return Child(
         name,
         [

@@ -33,8 +33,11 @@ from app.api import (
     snapshots,
     users,
 )
+from app.api.openapi import declare_errors
 from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
+from app.core.logs import setup_logging
+from app.core.metrics import RequestMiddleware
 from app.services.errors import InvalidInput, ServiceError
 from app.web import account, auth, console, pages, rate
 from app.web.console.common import LoginRequired
@@ -111,6 +114,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    setup_logging(settings.log_format)
     app = FastAPI(
         lifespan=_lifespan,
         title="Verdict",
@@ -134,6 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     app.add_middleware(SecurityHeadersMiddleware)
+    # Outermost of ours: the request id is set before anything else runs (and logs), and the
+    # latency includes the session middleware.
+    app.add_middleware(RequestMiddleware)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -208,6 +215,7 @@ def _add_run_kind_schemas(app: FastAPI) -> None:
                 }
             }
             schema["security"] = [{"token": []}]
+            declare_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -16,7 +16,7 @@ Two phases, because latency and throughput are different questions:
   takes far longer). Latency p50/p99 at N concurrent raters is measured here.
 * saturated: no pause at all. With zero think time a closed loop always saturates the server,
   so latency there is just concurrency / throughput (Little's law); this phase measures
-  judgments/s, and the same threads then call `/readyz` (one `SELECT 1`, no auth) for the
+  judgments/s, and the same threads then call `/healthz` (no database, no auth) for the
   bare-endpoint baseline: hot-path requests/s as a share of the bare endpoint's.
 
 Client and server share the machine, as they would in a load test. So that the figures say
@@ -151,7 +151,7 @@ def start_server(url: str, port: int, var_dir: str, workers: int) -> subprocess.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -246,10 +246,10 @@ def bare_loop(base: str, until: float, out: Samples) -> None:
     with httpx.Client(base_url=base, timeout=30) as client:
         while time.monotonic() < until:
             t0 = time.perf_counter()
-            got = client.get("/readyz")
+            got = client.get("/healthz")
             t1 = time.perf_counter()
             if got.status_code != 200:
-                out.errors.append(f"readyz {got.status_code}")
+                out.errors.append(f"healthz {got.status_code}")
                 continue
             with out.lock:
                 out.bare_ms.append((t1 - t0) * 1000)
@@ -335,7 +335,7 @@ def main() -> None:
         (f"POST judgment (paced, think {args.think_s:g} s)", paced.submit_ms),
         ("GET next (saturated)", hot.next_ms),
         ("POST judgment (saturated)", hot.submit_ms),
-        ("GET /readyz (bare, saturated)", bare.bare_ms),
+        ("GET /healthz (bare, saturated)", bare.bare_ms),
     ]
     table = [
         "| call | requests | p50 ms | p99 ms |",
@@ -395,8 +395,8 @@ def write_docs(report: str, args: argparse.Namespace) -> None:
             "measured with raters that pause a random time (mean `--think-s`) after each submit",
             "and before their first request, so the phase does not open with all raters firing",
             "at once (paced); throughput with no pause at all (saturated), where a closed loop's",
-            "latency is only concurrency / throughput. The same threads then call `/readyz` (one",
-            "`SELECT 1`, no auth) as the bare-endpoint baseline: same client, same concurrency.",
+            "latency is only concurrency / throughput. The same threads then call `/healthz` (no",
+            "database, no auth) as the bare-endpoint baseline: same client, same concurrency.",
             "Target: next and submit p99 <= 50 ms at 20 raters, and saturated hot-path",
             "requests/s >= 40 % of the bare endpoint's.",
             "",
@@ -412,7 +412,7 @@ def write_docs(report: str, args: argparse.Namespace) -> None:
             "Reading the throughput ratio: with both cores saturated, requests/s is about",
             "2 CPU-seconds / CPU per request, so the ratio is about the bare endpoint's CPU per",
             "request over the hot path's (client, server and PostgreSQL together, the CPU line",
-            "above). 40 % means a hot-path call may cost at most 2.5 times a `SELECT 1` call.",
+            "above). 40 % means a hot-path call may cost at most 2.5 times a `/healthz` call.",
             "",
             "What a call does now: `next` runs five statements and a commit (token auth, rater",
             "row lock that also reads the project's id and settings by slug, current lease, the",
@@ -425,7 +425,7 @@ def write_docs(report: str, args: argparse.Namespace) -> None:
             "submit's three writes run in Core. Each call makes one thread hand-off (`RaterCall`",
             "opens session and auth in the endpoint's thread; the endpoint serializes its own",
             "response), where it made six (`next`) and five (`submit`), FastAPI's validation",
-            "of the returned model included. `/readyz` runs one statement in three hand-offs.",
+            "of the returned model included. `/healthz` runs no statement, in one hand-off.",
             "Both also pay the pool's pre-ping and the BEGIN.",
             "",
             "What would close the gap, largest first (py-spy with `--gil`, per-process CPU):",

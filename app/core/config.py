@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker; empty means SQLAlchemy on SQLite")
     result_backend: str = Field("", description="Celery result backend; empty means none")
     redis_url: str = Field("", description="optional Redis, for production broker and caching")
+    api_rate_limit_per_min: int = Field(
+        600,
+        ge=0,
+        description="API requests per token per minute (429 with Retry-After over it); 0: off."
+        " Counted in Redis when redis_url is set, else in each web process",
+    )
     secret_key: str = Field("", description="signs session cookies and CSRF tokens")
     artifacts_dir: Path = Field(Path(""), description="model weights; empty means var/artifacts")
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="largest accepted upload")
@@ -61,6 +67,27 @@ class Settings(BaseSettings):
         description="a run queued this long while no run of its queue runs lost its message:"
         " the reaper sends it again",
     )
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        description="torch intra-op (and inter-op) threads in each worker process (and the"
+        " demo's): 1 measured faster than torch's default on a loaded 2-core host"
+        " (docs/operations.md, Worker sizing)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line with the request or run id"
+    )
+    metrics_dir: Path = Field(
+        Path(""),
+        description="prometheus_client's multiprocess directory for `verdict serve`;"
+        " empty means var_dir/metrics",
+    )
+    metrics_token: str = Field(
+        "", description="if set, /metrics wants `Authorization: Bearer <token>`; empty: open"
+    )
+    worker_seen_within_s: int = Field(
+        60, ge=1, description="/readyz wants a worker of each queue seen this recently"
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -70,6 +97,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.var_dir / 'broker.sqlite'}"
         if self.artifacts_dir == Path(""):
             self.artifacts_dir = self.var_dir / "artifacts"
+        if self.metrics_dir == Path(""):
+            self.metrics_dir = self.var_dir / "metrics"
         if self.env == "production" and len(self.secret_key) < MIN_SECRET_LENGTH:
             raise ValueError(
                 "VERDICT_SECRET_KEY must be set to a random string of at least "

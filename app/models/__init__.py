@@ -6,6 +6,7 @@ from app.models.projects import ComparisonPair, Project, ProjectMember, Prompt, 
 from app.models.rating import Assignment, Judgment, RaterExclusion
 from app.models.training import DatasetSnapshot, ModelVersion, Run, RunMetric
 from app.models.users import ApiToken, Invite, User
+from app.models.workers import Worker
 
 __all__ = [
     "ApiToken",
@@ -25,5 +26,6 @@ __all__ = [
     "Run",
     "RunMetric",
     "User",
+    "Worker",
     "utcnow",
 ]

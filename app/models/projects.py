@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, JSONType, utcnow
@@ -130,4 +130,16 @@ Index(
     ComparisonPair.priority.desc(),
     ComparisonPair.created_at,
     ComparisonPair.id,
+)
+# The pairs raters can still be given (`/metrics`' queue depth per project): a partial index
+# holding only those, so counting them per scrape reads the open pairs, not every pair ever made.
+# A query must repeat this predicate word for word for the planner to use the index.
+OPEN_PAIR_PREDICATE = (
+    "judgment_count < required_judgments AND gold_choice IS NULL AND rating_removed_at IS NULL"
+)
+Index(
+    "ix_comparison_pairs_open",
+    ComparisonPair.project_id,
+    postgresql_where=text(OPEN_PAIR_PREDICATE),
+    sqlite_where=text(OPEN_PAIR_PREDICATE),
 )

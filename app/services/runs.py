@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, load_only
 
 from app.core.config import Settings
 from app.core.db import after_commit
+from app.core.logs import current_request_id
 from app.kinds.knobs import Knobs
 from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS, RunKind
 from app.models import DatasetSnapshot, ModelVersion, Project, Run, RunMetric, User, utcnow
@@ -138,7 +139,7 @@ def create_run(
         parent_run_id=parent_run_id,
         # Known before the commit, so a cancel arriving before the message can still revoke it.
         task_id=uuid.uuid4().hex,
-        log_tail=line(f"queued ({trigger})"),
+        log_tail=line(_queued_message(trigger)),
     )
     session.add(run)
     session.flush()
@@ -153,6 +154,15 @@ def create_run(
     )
     send_after_commit(session, run, settings, raise_errors=broker_errors_fail_commit)
     return run
+
+
+def _queued_message(trigger: str) -> str:
+    """The run's first log line; it names the HTTP request that created the run, if one did,
+    so the run's log and the web logs (`request_id`) can be joined."""
+    request_id = current_request_id()
+    if request_id is None:
+        return f"queued ({trigger})"
+    return f"queued ({trigger}), created by request {request_id}"
 
 
 def create_run_if_idle(

@@ -3,8 +3,9 @@ from fastapi.testclient import TestClient
 
 def test_healthz_and_readyz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
+    # No worker ever ran here: not ready, though the database answers (tests/api/test_readyz.py).
     ready = client.get("/readyz")
-    assert ready.status_code == 200
+    assert ready.status_code == 503
     assert ready.json()["database"] == "ok"
 
 
