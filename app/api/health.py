@@ -10,8 +10,11 @@ targets, so serve it on a private address and keep it off the public proxy (docs
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.metrics import render
@@ -21,13 +24,29 @@ from app.services import metrics, readiness
 router = APIRouter(tags=["health"])
 
 
+class ReadinessOut(BaseModel):
+    """Each check's answer, "ok" or why it failed; `failed` names the failed ones."""
+
+    status: Literal["ok", "unavailable"]
+    database: str
+    broker: str
+    workers: dict[str, str]
+    failed: list[str]
+
+
+READINESS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"model": ReadinessOut, "description": "every check passed"},
+    503: {"model": ReadinessOut, "description": "a check failed: `failed` says which, and why"},
+}
+
+
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=READINESS_DOC)
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Ready to work: the database, the broker, and a recent worker of each queue; 503 (with
     the failed checks and why) if any is missing."""
