@@ -20,6 +20,8 @@ TEMPLATES_DIR = ROOT_DIR / "templates"
 STATIC_DIR = ROOT_DIR / "static"
 
 MIN_SECRET_LENGTH = 32
+# A random 32-character key has ~25 distinct characters; "x" * 40 or "changeme" * 4 has few.
+MIN_SECRET_DISTINCT = 12
 
 
 class Settings(BaseSettings):
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
     max_upload_records: int = Field(50_000, description="most records in one upload")
     session_max_age_s: int = Field(14 * 24 * 3600, description="browser session lifetime")
     cookie_secure: bool = Field(False, description="mark cookies Secure (behind HTTPS)")
+    allow_insecure_http: bool = Field(
+        False,
+        description="let production run with cookie_secure off (plain HTTP on a private"
+        " network); otherwise production refuses it",
+    )
     base_policy: str = Field(
         "smollm2", description="default base policy: 'smollm2', a HF model id or a local path"
     )
@@ -99,12 +106,30 @@ class Settings(BaseSettings):
             self.artifacts_dir = self.var_dir / "artifacts"
         if self.metrics_dir == Path(""):
             self.metrics_dir = self.var_dir / "metrics"
-        if self.env == "production" and len(self.secret_key) < MIN_SECRET_LENGTH:
+        if self.env == "production":
+            self._check_production()
+        return self
+
+    def _check_production(self) -> None:
+        """Production refuses a missing, short or placeholder secret, and cookies that a plain
+        HTTP connection would carry (unless that is said to be intended)."""
+        key = self.secret_key
+        if len(key) < MIN_SECRET_LENGTH:
             raise ValueError(
                 "VERDICT_SECRET_KEY must be set to a random string of at least "
                 f"{MIN_SECRET_LENGTH} characters when VERDICT_ENV=production"
             )
-        return self
+        if len(set(key)) < MIN_SECRET_DISTINCT:
+            raise ValueError(
+                "VERDICT_SECRET_KEY looks like a placeholder (too few distinct characters);"
+                " generate one: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if not self.cookie_secure and not self.allow_insecure_http:
+            raise ValueError(
+                "VERDICT_COOKIE_SECURE=false in production would send session cookies over plain"
+                " HTTP: serve Verdict behind HTTPS, or set VERDICT_ALLOW_INSECURE_HTTP=true on a"
+                " private network"
+            )
 
     def resolved_secret_key(self) -> str:
         """The configured secret, or (outside production) one generated once and kept in var/."""

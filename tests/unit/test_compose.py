@@ -49,7 +49,7 @@ from scripts.stack_compose import (
     variables,
 )
 
-SECRETS = {"VERDICT_SECRET_KEY": "s" * 40, "POSTGRES_PASSWORD": "pw"}
+SECRETS = {"VERDICT_SECRET_KEY": "kq3V9x-T7mZ_2pLw8RbNc4Hy6JdFs0Ue", "POSTGRES_PASSWORD": "pw"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 Doc = dict[str, Any]
 

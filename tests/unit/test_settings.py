@@ -1,5 +1,5 @@
-"""Settings: every one is in .env.example, production refuses a weak secret, the demo keeps
-its generated secret."""
+"""Settings: every one is in .env.example, production refuses a weak secret and insecure
+cookies, the demo keeps its generated secret."""
 
 import re
 from pathlib import Path
@@ -17,12 +17,25 @@ def test_env_example_lists_every_setting() -> None:
     assert listed == expected, {"missing": expected - listed, "unknown": listed - expected}
 
 
-def test_production_refuses_a_missing_or_short_secret() -> None:
-    with pytest.raises(ValidationError, match="SECRET_KEY"):
-        Settings(env="production", secret_key="")
-    with pytest.raises(ValidationError, match="SECRET_KEY"):
-        Settings(env="production", secret_key="short")
-    assert Settings(env="production", secret_key="s" * 40).secret_key == "s" * 40
+GOOD_SECRET = "kq3V9x-T7mZ_2pLw8RbNc4Hy6JdFs0Ue"  # 32 characters, 32 distinct
+
+
+def test_production_refuses_a_missing_short_or_placeholder_secret() -> None:
+    for weak in ("", "short", "s" * 40, "changeme" * 4, "0123456789" * 4):
+        with pytest.raises(ValidationError, match="SECRET_KEY"):
+            Settings(env="production", secret_key=weak, cookie_secure=True)
+    assert Settings(env="production", secret_key=GOOD_SECRET, cookie_secure=True).secret_key
+
+
+def test_production_refuses_insecure_cookies_unless_told_it_is_plain_http() -> None:
+    with pytest.raises(ValidationError, match="VERDICT_COOKIE_SECURE=false"):
+        Settings(env="production", secret_key=GOOD_SECRET, cookie_secure=False)
+    allowed = Settings(
+        env="production", secret_key=GOOD_SECRET, cookie_secure=False, allow_insecure_http=True
+    )
+    assert allowed.cookie_secure is False
+    # Development never minds: the demo runs on http://127.0.0.1.
+    assert Settings(secret_key="", cookie_secure=False).env == "development"
 
 
 def test_embedded_defaults_live_under_var_dir(tmp_path: Path) -> None:
