@@ -99,6 +99,16 @@ def user_password(
 def token_create(
     email: Annotated[str, typer.Option(help="the token's owner")],
     name: Annotated[str, typer.Option(help="what the token is for")],
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="read, rater or admin (everything the role allows); empty: the widest"
+            " the owner's role allows"
+        ),
+    ] = "",
+    expires_in_days: Annotated[
+        int | None, typer.Option(help="days until it stops working; omitted: never", min=1)
+    ] = None,
 ) -> None:
     """Create an API token; the token alone is the last line of output."""
     from app.services import users
@@ -109,10 +119,17 @@ def token_create(
             err.print(f"[red]error:[/red] no user with email {email}")
             raise typer.Exit(1)
         try:
-            issued = users.create_token(session, user, name)
+            issued = users.create_token(
+                session, user, name, scope=scope, expires_in_days=expires_in_days
+            )
         except ServiceError as exc:
             fail(exc)
-        typer.echo(f"token {issued.token.prefix}… for {user.email}; it is shown only now:")
+        expiry = issued.token.expires_at
+        until = f"until {expiry:%Y-%m-%d %H:%M} UTC" if expiry else "no expiry"
+        typer.echo(
+            f"token {issued.token.prefix}… for {user.email} (scope {issued.token.scope}, {until});"
+            " it is shown only now:"
+        )
         typer.echo(issued.secret)
 
 

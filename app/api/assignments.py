@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import AdminUser, RaterCallDep, SessionDep, require
-from app.models import Assignment, Judgment, User
+from app.api.deps import AdminUser, RaterCallDep, RatingUser, SessionDep
+from app.models import Assignment, Judgment
 from app.models import Response as ResponseRow
 from app.services import assignment as assignment_service
-from app.services import judgments, permissions
+from app.services import judgments
 from app.services.prompts import prompt_messages
 
 router = APIRouter(prefix="/api/v1", tags=["assignments"])
 
-Rater = Annotated[User, Depends(require(permissions.can_rate, "rate comparisons"))]
+Rater = RatingUser  # a token needs scope `rater` (app.api.deps)
 
 
 class ResponseOut(BaseModel):

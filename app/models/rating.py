@@ -24,6 +24,8 @@ class Assignment(Base):
         CheckConstraint("shown_left IN ('a', 'b')", name="shown_left"),
         Index("ix_assignments_live", "status", "expires_at"),
         Index("ix_assignments_rater", "rater_id", "status"),
+        # The rater's history in a project, which every `next` leaves out: read index-only.
+        Index("ix_assignments_rater_history", "rater_id", "project_id", "pair_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -91,6 +93,7 @@ class Judgment(Base):
         CheckConstraint("shown_left IS NULL OR shown_left IN ('a', 'b')", name="shown_left"),
         CheckConstraint("rater_id IS NOT NULL OR source <> 'rater'", name="rater_source"),
         Index("ix_judgments_project_created", "project_id", "created_at"),
+        Index("ix_judgments_rater_history", "rater_id", "project_id", "pair_id"),
         # Flagged judgments are rare: the console's "flagged" filter reads only them. The
         # predicates are the ones app.services.browse writes, so each planner can use it.
         Index(

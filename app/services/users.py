@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.core import security
 from app.models import ApiToken, Invite, Project, User, utcnow
-from app.models.users import ROLES
+from app.models.users import ROLES, TOKEN_SCOPES
 from app.services import audit, staffing
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceError
 
@@ -77,9 +77,29 @@ def _check_password(password: str) -> None:
 
 
 def set_password(session: Session, user: User, password: str) -> None:
+    """Set a new password; every browser session of the user ends (`end_sessions`). The web
+    page that changes your own password then rotates yours, so you stay logged in."""
     _check_password(password)
     user.password_hash = security.hash_password(password)
+    end_sessions(user)
     audit.record(session, "user.password", actor_id=user.id, target=("user", user.id))
+
+
+def change_own_password(session: Session, user: User, current: str, new: str) -> None:
+    """The account page's change: the current password first (a left-open browser must not be
+    enough to lock its owner out), then `set_password`. Refused at the field it is about."""
+    if not security.verify_password(user.password_hash, current):
+        _refuse("current_password", "that is not your current password")
+    if new == current:
+        _refuse("password", "the new password is the same as the current one")
+    set_password(session, user, new)
+
+
+def end_sessions(user: User) -> None:
+    """End every browser session of `user`: sessions carry the version they were made at
+    (`session_version`) and `app.api.deps` refuses one that differs. A signed cookie cannot be
+    deleted server-side, so this is how it is revoked."""
+    user.session_version = (user.session_version or 0) + 1
 
 
 @dataclass
@@ -90,21 +110,88 @@ class IssuedToken:
     secret: str
 
 
-def create_token(session: Session, user: User, name: str) -> IssuedToken:
-    """Issue an API token for `user`; only its hash and a short prefix are stored."""
+TOKEN_DAYS_MAX = 3650
+SCOPE_RANK = {scope: rank for rank, scope in enumerate(TOKEN_SCOPES)}
+# The widest scope each role may give a token. A rater's role allows reading and rating and
+# nothing more, so "admin" (everything the role allows) would claim what the role does not
+# have: refused rather than silently narrowed. Reviewers have rights beyond rating.
+MAX_SCOPE = {"admin": "admin", "reviewer": "admin", "rater": "rater"}
+SCOPE_HELP = {
+    "read": "GET requests only, no rating",
+    "rater": "read, plus the rating calls (next, judgment, skip)",
+    "admin": "everything your role allows",
+}
+
+
+def scopes_for(user: User) -> list[str]:
+    """The scopes `user` may give a token, narrowest first."""
+    widest = SCOPE_RANK[MAX_SCOPE[user.role]]
+    return [scope for scope in TOKEN_SCOPES if SCOPE_RANK[scope] <= widest]
+
+
+def scope_allows(scope: str, needed: str) -> bool:
+    """Whether a token of `scope` may make a call that needs `needed`."""
+    return SCOPE_RANK.get(scope, -1) >= SCOPE_RANK[needed]
+
+
+def create_token(
+    session: Session,
+    user: User,
+    name: str,
+    *,
+    scope: str | None = None,
+    expires_in_days: int | str | None = None,
+    now: datetime | None = None,
+) -> IssuedToken:
+    """Issue an API token for `user`; only its hash and a short prefix are stored.
+
+    `scope` (default: the widest the role allows) may not exceed the role (`MAX_SCOPE`);
+    `expires_in_days` (1 to TOKEN_DAYS_MAX; None or empty: never) sets an expiry. Each problem
+    is refused at its field.
+    """
+    now = now or utcnow()
     name = name.strip()
+    errors: list[FieldError] = []
     if not name:
-        raise InvalidInput("a token needs a name")
+        errors.append(FieldError(None, "name", "a token needs a name"))
+    scope = (scope or "").strip() or MAX_SCOPE[user.role]
+    if scope not in TOKEN_SCOPES:
+        errors.append(FieldError(None, "scope", f"scope must be one of {', '.join(TOKEN_SCOPES)}"))
+    elif scope not in scopes_for(user):
+        errors.append(
+            FieldError(None, "scope", f"a {user.role}'s token can have scope"
+                       f" {' or '.join(scopes_for(user))}, not {scope}: a token never has more"
+                       " rights than its owner")
+        )  # fmt: skip
+    expires_at = None
+    if expires_in_days is not None and str(expires_in_days).strip():
+        days = str(expires_in_days).strip()
+        if not days.isdigit() or not 1 <= int(days) <= TOKEN_DAYS_MAX:
+            errors.append(
+                FieldError(None, "expires_in_days",
+                           f"a whole number of days, 1 to {TOKEN_DAYS_MAX}, or empty for never")
+            )  # fmt: skip
+        else:
+            expires_at = now + timedelta(days=int(days))
+    if errors:
+        message = errors[0].message if len(errors) == 1 else "the token is not valid"
+        raise InvalidInput(message, errors)
     secret = security.new_api_token()
     token = ApiToken(
         user_id=user.id,
         name=name,
         prefix=security.token_display_prefix(secret),
         token_hash=security.hash_api_token(secret),
+        created_at=now,
+        scope=scope,
+        expires_at=expires_at,
     )
     session.add(token)
     session.flush()
-    audit.record(session, "token.create", actor_id=user.id, target=("api_token", token.id))
+    audit.record(
+        session, "token.create", actor_id=user.id, target=("api_token", token.id), scope=scope,
+        expires_at=expires_at.isoformat() if expires_at else None,
+    )  # fmt: skip
     return IssuedToken(token=token, secret=secret)
 
 
@@ -112,7 +199,14 @@ def create_token(session: Session, user: User, name: str) -> IssuedToken:
 # building and cache-keying this select cost about as much CPU as running it. The user as an
 # entity, the token as plain columns: loading a second entity costs CPU nothing here needs.
 _USER_FOR_TOKEN = (
-    select(User, ApiToken.id, ApiToken.revoked_at, ApiToken.last_used_at)
+    select(
+        User,
+        ApiToken.id,
+        ApiToken.revoked_at,
+        ApiToken.last_used_at,
+        ApiToken.expires_at,
+        ApiToken.scope,
+    )
     .join(User, User.id == ApiToken.user_id)
     .where(ApiToken.token_hash == bindparam("token_hash", type_=String))
 )
@@ -124,19 +218,52 @@ _TOUCH_TOKEN = (
 )
 
 
-def user_for_token(session: Session, secret: str) -> User | None:
-    """The active user a bearer token belongs to, or None if unknown, revoked or inactive."""
+class TokenExpired(ServiceError):
+    """A token past its `expires_at` (401: the caller needs a new token, not another role)."""
+
+    status_code = 401
+
+    def __init__(self, expires_at: datetime) -> None:
+        super().__init__(f"this token expired on {expires_at:%Y-%m-%d %H:%M} UTC: create a new one")
+        self.expires_at = expires_at
+
+
+@dataclass(frozen=True)
+class TokenCaller:
+    """Who a bearer token authenticates, and what the token may do."""
+
+    user: User
+    token_id: int
+    scope: str
+
+
+def caller_for_token(
+    session: Session, secret: str, *, now: datetime | None = None
+) -> TokenCaller | None:
+    """The active user a bearer token belongs to with its scope, or None if the token is
+    unknown, revoked or its user inactive; TokenExpired past its expiry."""
     # One round trip for token and user: this runs on every API request.
     row = session.execute(_USER_FOR_TOKEN, {"token_hash": security.hash_api_token(secret)}).first()
     if row is None:
         return None
-    user, token_id, revoked_at, last_used_at = row
+    user, token_id, revoked_at, last_used_at, expires_at, scope = row
     if revoked_at is not None or not user.is_active:
         return None
-    now = utcnow()
+    now = now or utcnow()
+    if expires_at is not None and expires_at <= now:
+        raise TokenExpired(expires_at)
     if last_used_at is None or now - last_used_at > TOKEN_TOUCH_INTERVAL:
         session.execute(_TOUCH_TOKEN, {"token_id": token_id, "now": now})
-    return user
+    return TokenCaller(user, token_id, scope)
+
+
+def user_for_token(session: Session, secret: str) -> User | None:
+    """The active user of a live (not revoked, not expired) token, or None."""
+    try:
+        caller = caller_for_token(session, secret)
+    except TokenExpired:
+        return None
+    return caller.user if caller else None
 
 
 def list_tokens(session: Session, user: User) -> list[ApiToken]:
@@ -261,9 +388,11 @@ def set_active(session: Session, user_id: int, active: bool, *, actor: User) -> 
     """Deactivate or reactivate a user; repeating is harmless. Audited.
 
     A deactivated user is refused at once everywhere: every request re-reads the user, and a
-    browser session (`api.deps._session_user`) or an API token (`user_for_token`) of an
-    inactive user authenticates nobody. Their tokens are not revoked, so reactivating gives
-    them back. An admin cannot deactivate themself, nor the last active admin (Conflict).
+    browser session (`api.deps._session_user`) or an API token (`caller_for_token`) of an
+    inactive user authenticates nobody. Deactivating also ends their browser sessions for good
+    (`end_sessions`): reactivated, they log in again. Their tokens are not revoked, so
+    reactivating gives those back. An admin cannot deactivate themself, nor the last active
+    admin (Conflict).
     """
     user = _person(session, user_id)
     if user.is_active == active:
@@ -274,6 +403,8 @@ def set_active(session: Session, user_id: int, active: bool, *, actor: User) -> 
         if user.role == "admin":
             _refuse_removing_last_admin(session, user, "deactivate them")
     user.is_active = active
+    if not active:
+        end_sessions(user)
     action = "user.reactivate" if active else "user.deactivate"
     audit.record(session, action, actor_id=actor.id, target=("user", user.id))
     session.flush()

@@ -2,8 +2,11 @@
 visitor, accepting an invitation.
 
     GET  /account/tokens                    your tokens (anonymous: to the login page)
-    POST /account/tokens                    create one; the secret is shown in this answer only
+    POST /account/tokens                    create one (name, scope, expiry); the secret is
+                                            shown in this answer only
     POST /account/tokens/{token_id}/revoke  your own only: another's is 404, also for an admin
+    POST /account/password                  change your password: your other browser sessions
+                                            end, this one is rotated and stays
     GET  /invite/{token}                    its form; 404 unknown, 410 used, revoked or expired
     POST /invite/{token}                    create the account, log in as it, go to /
 """
@@ -17,9 +20,8 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from app.api.deps import SAFE_METHODS, SessionDep, WebUser, check_csrf
-from app.core.security import new_csrf_token
-from app.models import User
+from app.api.deps import SAFE_METHODS, SessionDep, WebUser, begin_session, check_csrf
+from app.models import User, utcnow
 from app.services import users
 from app.services.errors import FieldError, InvalidInput, NotFound, ServiceError
 from app.web.console.common import LoginRequired, done, login_redirect_target
@@ -55,13 +57,24 @@ def _tokens(
     context = {
         "user": user,
         "tokens": users.list_tokens(session, user),
+        "now": utcnow(),
+        "scopes": [(scope, users.SCOPE_HELP[scope]) for scope in users.scopes_for(user)],
         "issued": None,
-        "name": "",
-        "name_error": "",
+        "form": {"name": "", "scope": users.MAX_SCOPE[user.role], "expires_in_days": ""},
+        "errors": {},
+        "password_errors": {},
+        "min_password": users.MIN_PASSWORD_LENGTH,
         "flashes": request.session.pop("flash", []),
         **extra,
     }
     return render(request, "account/tokens.html", context, status_code)
+
+
+def _by_field(exc: InvalidInput, default: str) -> dict[str, str]:
+    by_field: dict[str, str] = {}
+    for error in exc.errors or [FieldError(None, default, exc.message)]:
+        by_field.setdefault(error.field or default, error.message)
+    return by_field
 
 
 @router.get("/account/tokens")
@@ -71,13 +84,21 @@ def tokens_page(request: Request, session: SessionDep, user: SignedIn) -> Respon
 
 @router.post("/account/tokens")
 def create_token(
-    request: Request, session: SessionDep, user: SignedIn, name: Annotated[str, Form()] = ""
+    request: Request,
+    session: SessionDep,
+    user: SignedIn,
+    name: Annotated[str, Form()] = "",
+    scope: Annotated[str, Form()] = "",
+    expires_in_days: Annotated[str, Form()] = "",
 ) -> Response:
-    name = name.strip()
+    form = {"name": name.strip(), "scope": scope, "expires_in_days": expires_in_days.strip()}
     try:
-        issued = users.create_token(session, user, name)
+        issued = users.create_token(
+            session, user, name, scope=scope, expires_in_days=expires_in_days
+        )
     except InvalidInput as exc:
-        return _tokens(request, session, user, status_code=422, name=name, name_error=exc.message)
+        errors = _by_field(exc, "name")
+        return _tokens(request, session, user, status_code=422, form=form, errors=errors)
     # The page itself, not a redirect: the secret exists only in this answer.
     return _tokens(request, session, user, status_code=201, issued=issued)
 
@@ -86,6 +107,26 @@ def create_token(
 def revoke_token(request: Request, token_id: int, session: SessionDep, user: SignedIn) -> Response:
     token = users.revoke_token(session, token_id, user, only_own=True)
     return done(request, "/account/tokens", f"Token {token.name!r} revoked: it no longer works.")
+
+
+@router.post("/account/password")
+def change_password(
+    request: Request,
+    session: SessionDep,
+    user: SignedIn,
+    current_password: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
+) -> Response:
+    try:
+        users.change_own_password(session, user, current_password, password)
+    except InvalidInput as exc:
+        errors = _by_field(exc, "password")
+        return _tokens(request, session, user, status_code=422, password_errors=errors)
+    # Every session of the user ended with the version bump; this one starts afresh.
+    begin_session(request, user)
+    return done(
+        request, "/account/tokens", "Password changed: your other browser sessions are logged out."
+    )
 
 
 # Invitations --------------------------------------------------------------------------------
@@ -159,14 +200,10 @@ def accept_invite(
     except InvalidInput as exc:
         # The invite is still good (the refusal left nothing): the form again, errors at fields.
         offer = users.invite_offer(session, token)
-        by_field: dict[str, str] = {}
-        for error in exc.errors or [FieldError(None, "email", exc.message)]:
-            by_field.setdefault(error.field or "email", error.message)
         return _invite_form(
-            request, offer, token, user, status_code=422, email=email, errors=by_field
-        )
+            request, offer, token, user, status_code=422, email=email,
+            errors=_by_field(exc, "email"),
+        )  # fmt: skip
     # A new session (and CSRF token), as at login: a planted session id is useless.
-    request.session.clear()
-    request.session["user_id"] = new_user.id
-    request.session["csrf"] = new_csrf_token()
+    begin_session(request, new_user)
     return RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)

@@ -1,4 +1,10 @@
-"""Login and logout pages."""
+"""Login and logout pages.
+
+Failed logins are throttled per account and per client address (`app.core.limits`): once
+either has used its failures, the page answers 429 with `Retry-After` without checking the
+password. The address is the one uvicorn reports: behind a reverse proxy, run it with
+`--forwarded-allow-ips` so that it is the client's, not the proxy's.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
-from app.api.deps import SessionDep, WebUser, check_csrf
-from app.core.security import new_csrf_token
+from app.api.deps import SessionDep, WebUser, begin_session, check_csrf
+from app.core.limits import limits_for
 from app.services import users
 from app.web.templating import render
 
@@ -40,18 +46,33 @@ def login(
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     check_csrf(request, csrf_token)
+    limits = limits_for(request.app.state)
+    address = request.client.host if request.client else "unknown"
+    wait = limits.login_blocked(email, address)
+    if wait is not None:
+        minutes = max(1, round(wait / 60))
+        response = render(
+            request,
+            "login.html",
+            {"next": _safe_next(next), "email": email,
+             "error": "Too many failed logins for this account or from this address. Try again"
+                      f" in {minutes} minute{'s' if minutes != 1 else ''}, or ask an admin to"
+                      " reset your password."},
+            status_code=429,
+        )  # fmt: skip
+        response.headers["Retry-After"] = str(wait)
+        return response
     user = users.authenticate(session, email, password)
     if user is None:
+        limits.login_failed(email, address)
         return render(
             request,
             "login.html",
             {"next": _safe_next(next), "error": "Wrong email or password.", "email": email},
             status_code=401,
         )
-    # A new session (and CSRF token) at login, so a planted session id is useless.
-    request.session.clear()
-    request.session["user_id"] = user.id
-    request.session["csrf"] = new_csrf_token()
+    limits.login_succeeded(email)
+    begin_session(request, user)
     return RedirectResponse(_safe_next(next), status_code=303)
 
 

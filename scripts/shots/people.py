@@ -30,8 +30,13 @@ def seed(session: Session, ids: dict[str, Any]) -> None:
         session, role="rater", note="Contractor batch 3", project_slug="safety",
         expires_in_days=14, actor=admin,
     )  # fmt: skip
-    used = users.create_token(session, admin, "labeling script").token
+    used = users.create_token(session, admin, "labeling script", scope="rater").token
     used.last_used_at = utcnow() - timedelta(minutes=12)
+    users.create_token(session, admin, "dashboard (read only)", scope="read", expires_in_days=90)
+    users.create_token(
+        session, admin, "trial judge", scope="rater", expires_in_days=7,
+        now=utcnow() - timedelta(days=9),
+    )  # fmt: skip
     old = users.create_token(session, admin, "old laptop").token
     old.revoked_at = utcnow() - timedelta(days=3)
     admin.last_login_at = utcnow()
@@ -50,6 +55,8 @@ def _create_invite(page: Any) -> None:
 
 def _create_token(page: Any) -> None:
     page.fill("#token-name", "nightly eval judge")
+    page.select_option("#token-scope", "rater")
+    page.fill("#token-expiry", "30")
     page.click("button:has-text('Create token')")
     page.wait_for_selector("#token-secret")
 
