@@ -31,6 +31,7 @@ def seed(session: Session, ids: dict[str, Any]) -> None:
         expires_in_days=14, actor=admin,
     )  # fmt: skip
     used = users.create_token(session, admin, "labeling script", scope="rater").token
+    used.created_at = utcnow() - timedelta(days=12)
     used.last_used_at = utcnow() - timedelta(minutes=12)
     users.create_token(session, admin, "dashboard (read only)", scope="read", expires_in_days=90)
     users.create_token(
