@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
@@ -38,7 +39,7 @@ from app.core.config import STATIC_DIR, Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
 from app.core.logs import setup_logging
 from app.core.metrics import RequestMiddleware
-from app.services.errors import InvalidInput, ServiceError
+from app.services.errors import FieldError, InvalidInput, ServiceError
 from app.web import account, auth, console, pages, rate
 from app.web.console.common import LoginRequired
 from app.web.errors import error_page, wants_html
@@ -58,6 +59,11 @@ CSP = "; ".join(
     ]
 )
 
+
+UNSTORABLE = InvalidInput(
+    "a value contains a NUL character, which cannot be stored",
+    [FieldError(None, None, "contains a NUL character")],
+)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
@@ -141,6 +147,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost of ours: the request id is set before anything else runs (and logs), and the
     # latency includes the session middleware.
     app.add_middleware(RequestMiddleware)
+
+    @app.exception_handler(DataError)
+    async def unstorable_text(request: Request, exc: DataError) -> Response:
+        # The last line of the input rules: a query parameter (or any text a route did not
+        # check) with a NUL, which PostgreSQL refuses. The transaction is rolled back.
+        if "NUL" not in str(exc.orig):
+            raise exc
+        return await service_error(request, UNSTORABLE)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

@@ -8,7 +8,9 @@ from typing import Literal
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import access
 from app.api.deps import AdminUser, RaterCallDep, RatingUser, SessionDep
+from app.api.schemas import InputModel
 from app.models import Assignment, Judgment
 from app.models import Response as ResponseRow
 from app.services import assignment as assignment_service
@@ -69,7 +71,7 @@ class AssignmentOut(BaseModel):
         )
 
 
-class JudgmentIn(BaseModel):
+class JudgmentIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     choice: str = Field(description="a | b | tie | both_bad (a/b: the pair's responses)")
@@ -104,7 +106,7 @@ class JudgmentOut(BaseModel):
         return cls.model_validate(judgment)
 
 
-class SkipIn(BaseModel):
+class SkipIn(InputModel):
     reason: str = Field(min_length=1, max_length=1000)
 
 
@@ -114,7 +116,7 @@ class SkipOut(BaseModel):
     skip_reason: str | None
 
 
-class GoldIn(BaseModel):
+class GoldIn(InputModel):
     choice: Literal["a", "b", "tie", "both_bad"] | None = Field(
         description="the expected answer, in the pair's terms; null unmarks the pair"
     )
@@ -139,6 +141,7 @@ def _json(model: BaseModel) -> Response:
     "/projects/{slug}/assignments/next",
     response_model=AssignmentOut,
     responses={204: {"description": "nothing left for you in this project"}},
+    openapi_extra=access("rater", token_scope="rater"),
 )
 def next_assignment(slug: str, call: RaterCallDep) -> Response:
     """Lease the next comparison (or return the one you already hold); 204 when none is left."""
@@ -154,6 +157,7 @@ def next_assignment(slug: str, call: RaterCallDep) -> Response:
     "/assignments/{assignment_id}/judgment",
     response_model=JudgmentOut,
     responses={409: {"description": "skipped, judged differently, or expired and full"}},
+    openapi_extra=access("own", token_scope="rater"),
 )
 def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) -> Response:
     """Store your judgment. Sending the same body again returns the same stored judgment."""
@@ -164,14 +168,14 @@ def submit_judgment(assignment_id: int, body: JudgmentIn, call: RaterCallDep) ->
         return _json(JudgmentOut.of(judgment))
 
 
-@router.post("/assignments/{assignment_id}/skip")
+@router.post("/assignments/{assignment_id}/skip", openapi_extra=access("own", token_scope="rater"))
 def skip_assignment(assignment_id: int, body: SkipIn, session: SessionDep, user: Rater) -> SkipOut:
     """Give the comparison back with a reason; you will not get it again."""
     row = assignment_service.skip_assignment(session, assignment_id, user, body.reason)
     return SkipOut(id=row.id, status=row.status, skip_reason=row.skip_reason)
 
 
-@router.put("/pairs/{pair_id}/gold")
+@router.put("/pairs/{pair_id}/gold", openapi_extra=access("admin"))
 def set_gold(pair_id: int, body: GoldIn, session: SessionDep, user: AdminUser) -> GoldOut:
     """Mark a pair as gold with its expected answer (admin only)."""
     pair = judgments.set_gold(session, pair_id, body.choice, actor_id=user.id)

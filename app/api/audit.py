@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from app.api.access import access
 from app.api.deps import DataReader, SessionDep
 from app.services import audit
 
@@ -40,7 +41,11 @@ class AuditPageOut(BaseModel):
     next: str | None = Field(description="the next page's URL, with the same filters")
 
 
-@router.get("/audit", responses={422: {"description": "a filter names nothing that exists"}})
+@router.get(
+    "/audit",
+    responses={422: {"description": "a filter names nothing that exists"}},
+    openapi_extra=access("reader"),
+)
 def list_audit_events(
     request: Request,
     session: SessionDep,

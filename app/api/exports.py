@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
+from app.api.access import access
 from app.api.deps import DataReader, ProjectDep, SessionDep, SettingsDep
 from app.models import User
 from app.services import exports, permissions
@@ -37,6 +38,7 @@ FORMAT_HELP = "; ".join(f"`{f.name}`: {f.description}" for f in exports.FORMATS.
         409: {"description": "the snapshot no longer matches its judgments"},
         422: {"description": "a parameter is wrong; `errors[].field` names it"},
     },
+    openapi_extra=access("reader"),
 )
 def export(
     request: Request,

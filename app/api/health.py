@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from app.api.access import access
 from app.api.deps import SessionDep, SettingsDep
 from app.core.metrics import render
 from app.core.security import same_token
@@ -40,13 +41,13 @@ READINESS_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/healthz")
+@router.get("/healthz", openapi_extra=access("public"))
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None, responses=READINESS_DOC)
+@router.get("/readyz", response_model=None, responses=READINESS_DOC, openapi_extra=access("public"))
 def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Ready to work: the database, the broker, and a recent worker of each queue; 503 (with
     the failed checks and why) if any is missing."""
@@ -54,7 +55,7 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     return JSONResponse(answer.as_dict(), status_code=200 if answer.ok else 503)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", include_in_schema=False, openapi_extra=access("public"))
 def prometheus_metrics(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Prometheus metrics of every web process of this host and of the database."""
     if settings.metrics_token:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.api.access import access
 from app.api.deps import AdminUser, ProjectDep, SessionDep, SettingsDep
 from app.api.prompts import read_body_capped
 from app.services import imports
@@ -41,7 +42,7 @@ IMPORT_DOC: dict[str, Any] = {
 }
 
 
-@router.post("/imports", openapi_extra=IMPORT_DOC)
+@router.post("/imports", openapi_extra=access("admin", extra=IMPORT_DOC))
 async def import_preferences(
     request: Request,
     project: ProjectDep,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
+from app.api.access import access
 from app.api.deps import DataReader, ProjectDep, SessionDep
 from app.services import leaderboard
 
@@ -18,7 +19,7 @@ class LeaderboardOut(BaseModel):
     versions: list[leaderboard.Standing]
 
 
-@router.get("/projects/{slug}/leaderboard")
+@router.get("/projects/{slug}/leaderboard", openapi_extra=access("reader"))
 def get_leaderboard(
     project: ProjectDep,
     session: SessionDep,

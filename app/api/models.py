@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.api.access import access
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.api.schemas import InputModel
 from app.core.config import Settings
 from app.kinds.interactive import SampleRequest, ScoreRequest
 from app.models import ModelVersion, Project, Run, User
@@ -63,7 +65,7 @@ class ModelDetail(ModelVersionOut):
     )
 
 
-class PromoteIn(BaseModel):
+class PromoteIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field("", max_length=2000)
@@ -88,7 +90,7 @@ class GenerateOut(BaseModel):
     responses: list[dict[str, Any]]
 
 
-@router.get("/projects/{slug}/models")
+@router.get("/projects/{slug}/models", openapi_extra=access("reader"))
 def list_models(
     project: ProjectDep,
     session: SessionDep,
@@ -117,7 +119,7 @@ def _detail(session: SessionDep, version: ModelVersion) -> ModelDetail:
     return out
 
 
-@router.get("/models/{version_id}")
+@router.get("/models/{version_id}", openapi_extra=access("reader"))
 def get_model(version_id: int, session: SessionDep, user: DataReader) -> ModelDetail:
     """A model version with its lineage (parent chain, run, snapshot, reward model) and metrics
     (training, evaluation on held-out prompts, the promotion rule's verdict)."""
@@ -146,6 +148,7 @@ def _change(
 @router.post(
     "/models/{version_id}/promote",
     responses={409: {"description": "already active, pending, failed or without weights"}},
+    openapi_extra=access("admin"),
 )
 def promote(
     version_id: int, body: PromoteIn, session: SessionDep, settings: SettingsDep, user: AdminUser
@@ -161,6 +164,7 @@ def promote(
 @router.post(
     "/models/{version_id}/rollback",
     responses={409: {"description": "not earlier than the active version, or not usable"}},
+    openapi_extra=access("admin"),
 )
 def rollback(
     version_id: int, body: PromoteIn, session: SessionDep, settings: SettingsDep, user: AdminUser
@@ -225,7 +229,12 @@ PENDING: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/models/{version_id}/score", response_model=ScoreOut, responses=PENDING)
+@router.post(
+    "/models/{version_id}/score",
+    response_model=ScoreOut,
+    responses=PENDING,
+    openapi_extra=access("reader"),
+)
 async def score(
     version_id: int,
     body: ScoreRequest,
@@ -248,7 +257,12 @@ async def score(
     return ScoreOut(**outcome)
 
 
-@router.post("/models/{version_id}/generate", response_model=GenerateOut, responses=PENDING)
+@router.post(
+    "/models/{version_id}/generate",
+    response_model=GenerateOut,
+    responses=PENDING,
+    openapi_extra=access("reader"),
+)
 async def generate(
     version_id: int,
     body: SampleRequest,

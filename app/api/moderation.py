@@ -13,7 +13,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from app.api.access import access
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep
+from app.api.schemas import InputModel
 from app.models import Project, RaterExclusion, User
 from app.services import exclusions, moderation
 
@@ -25,13 +27,13 @@ Flag = Literal["unsafe", "personal_data", "broken"]
 # --- exclusions ---------------------------------------------------------------------------------
 
 
-class ExclusionCreate(BaseModel):
+class ExclusionCreate(InputModel):
     rater_id: int | None = Field(None, description="the rater's user id (or give `email`)")
     email: str | None = Field(None, description="the rater's email, if no `rater_id` is given")
     reason: str = Field(description="why (required; kept in the audit log and the history)")
 
 
-class ExclusionLift(BaseModel):
+class ExclusionLift(InputModel):
     reason: str = Field(description="why the rater's judgments may be trained on again")
 
 
@@ -68,7 +70,7 @@ def _exclusion_out(session: Session, row: RaterExclusion) -> ExclusionOut:
     )
 
 
-@router.get("/exclusions")
+@router.get("/exclusions", openapi_extra=access("reader"))
 def list_exclusions(
     project: ProjectDep,
     session: SessionDep,
@@ -94,7 +96,7 @@ def list_exclusions(
     ]
 
 
-@router.post("/exclusions", status_code=201)
+@router.post("/exclusions", status_code=201, openapi_extra=access("admin"))
 def exclude_rater(
     project: ProjectDep, session: SessionDep, user: AdminUser, body: ExclusionCreate
 ) -> ExclusionOut:
@@ -106,7 +108,7 @@ def exclude_rater(
     return _exclusion_out(session, row)
 
 
-@router.post("/exclusions/{rater_id}/lift")
+@router.post("/exclusions/{rater_id}/lift", openapi_extra=access("admin"))
 def lift_exclusion(
     project: ProjectDep, session: SessionDep, user: AdminUser, rater_id: int, body: ExclusionLift
 ) -> ExclusionOut:
@@ -205,7 +207,7 @@ def _item_out(item: moderation.ModerationItem) -> ModerationItemOut:
     )
 
 
-@router.get("/moderation")
+@router.get("/moderation", openapi_extra=access("reader"))
 def moderation_queue(
     project: ProjectDep,
     session: SessionDep,
@@ -234,7 +236,7 @@ def moderation_queue(
     )
 
 
-class ModerationAction(BaseModel):
+class ModerationAction(InputModel):
     action: Literal["resolve", "exclude", "remove", "restore"] = Field(
         description="resolve: flags reviewed, nothing else changes; exclude: left out of"
         " training, still rated; remove: no longer served to raters, and excluded; restore:"
@@ -268,7 +270,7 @@ def _moderate(
     )
 
 
-@router.post("/moderation/pairs/{pair_id}")
+@router.post("/moderation/pairs/{pair_id}", openapi_extra=access("admin"))
 def moderate_pair(
     project: ProjectDep, session: SessionDep, user: AdminUser, pair_id: int, body: ModerationAction
 ) -> ModerationOutcome:
@@ -276,7 +278,7 @@ def moderate_pair(
     return _moderate(session, project, user, ("pair", pair_id), body)
 
 
-@router.post("/moderation/prompts/{prompt_id}")
+@router.post("/moderation/prompts/{prompt_id}", openapi_extra=access("admin"))
 def moderate_prompt(
     project: ProjectDep,
     session: SessionDep,
@@ -288,7 +290,7 @@ def moderate_prompt(
     return _moderate(session, project, user, ("prompt", prompt_id), body)
 
 
-@router.post("/moderation/responses/{response_id}")
+@router.post("/moderation/responses/{response_id}", openapi_extra=access("admin"))
 def moderate_response(
     project: ProjectDep,
     session: SessionDep,

@@ -6,21 +6,23 @@ from typing import Any
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import access
 from app.api.deps import AdminUser, CurrentUser, ProjectDep, SessionDep
+from app.api.schemas import InputModel
 from app.models import Project
 from app.services import projects, staffing
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
 
-class ProjectCreate(BaseModel):
+class ProjectCreate(InputModel):
     slug: str = Field(examples=["helpfulness-v1"])
     name: str
     guidelines: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-class ProjectUpdate(BaseModel):
+class ProjectUpdate(InputModel):
     name: str | None = None
     guidelines: str | None = None
     settings: dict[str, Any] | None = Field(None, description="merged over current settings")
@@ -43,7 +45,7 @@ class ProjectOut(BaseModel):
         return out
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=access("admin"))
 def create_project(body: ProjectCreate, session: SessionDep, user: AdminUser) -> ProjectOut:
     project = projects.create_project(
         session,
@@ -56,19 +58,23 @@ def create_project(body: ProjectCreate, session: SessionDep, user: AdminUser) ->
     return ProjectOut.of(project)
 
 
-@router.get("")
+@router.get("", openapi_extra=access("user"))
 def list_projects(session: SessionDep, user: CurrentUser) -> list[ProjectOut]:
     """The projects you can work on: every one for admins and reviewers; for a rater, the
     projects open to every rater and those they are staffed on."""
     return [ProjectOut.of(p) for p in staffing.rateable_projects(session, user)]
 
 
-@router.get("/{slug}")
-def get_project(project: ProjectDep) -> ProjectOut:
+@router.get("/{slug}", openapi_extra=access("rater"))
+def get_project(project: ProjectDep, session: SessionDep, user: CurrentUser) -> ProjectOut:
+    """A project you can work on. A staffed project is for its staff (and admins and
+    reviewers): another rater gets 403 here, as it is left out of the list above."""
+    if not staffing.may_rate(session, project, user):
+        raise staffing.not_staffed(project)
     return ProjectOut.of(project)
 
 
-@router.patch("/{slug}")
+@router.patch("/{slug}", openapi_extra=access("admin"))
 def update_project(
     body: ProjectUpdate, project: ProjectDep, session: SessionDep, user: AdminUser
 ) -> ProjectOut:

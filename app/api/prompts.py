@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.api.access import access
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
 from app.services import generation, inputs
 from app.services import prompts as prompt_service
@@ -104,7 +105,7 @@ async def read_body_capped(request: Request, limit: int) -> bytes:
     return body
 
 
-@router.post("", openapi_extra=UPLOAD_BODY_DOC)
+@router.post("", openapi_extra=access("admin", extra=UPLOAD_BODY_DOC))
 async def upload_prompts(
     request: Request,
     project: ProjectDep,
@@ -177,7 +178,7 @@ def _parse_json_body(body: bytes, max_records: int) -> list[prompt_service.Promp
     return prompt_service.parse_json_records(data["prompts"], max_records)
 
 
-@router.get("")
+@router.get("", openapi_extra=access("reader"))
 def list_prompts(
     project: ProjectDep,
     session: SessionDep,

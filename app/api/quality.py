@@ -11,6 +11,7 @@ from datetime import date, datetime
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import access
 from app.api.deps import DataReader, ProjectDep, SessionDep
 from app.services import quality
 
@@ -142,14 +143,14 @@ class ProjectQualityOut(_Out):
     weeks: list[WeekOut] = Field(description="the same figures per ISO week, oldest first")
 
 
-@router.get("/quality/raters")
+@router.get("/quality/raters", openapi_extra=access("reader"))
 def rater_quality(project: ProjectDep, session: SessionDep, user: DataReader) -> RatersOut:
     """Each rater's judgments, time, agreement, gold accuracy, position bias, rates and
     reliability in the project, with the reasons a rater stands out."""
     return RatersOut.model_validate(quality.rater_quality(session, project))
 
 
-@router.get("/quality")
+@router.get("/quality", openapi_extra=access("reader"))
 def project_quality(
     project: ProjectDep, session: SessionDep, user: DataReader
 ) -> ProjectQualityOut:

@@ -14,7 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import access
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep, SettingsDep
+from app.api.schemas import InputModel
 from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS
 from app.models import Run
 from app.services import runs
@@ -22,7 +24,7 @@ from app.services import runs
 router = APIRouter(prefix="/api/v1", tags=["runs"])
 
 
-class RunCreate(BaseModel):
+class RunCreate(InputModel):
     kind: str = Field(description=f"what to run: one of {', '.join(LAUNCHABLE_KINDS)}")
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -116,7 +118,7 @@ class RunDetail(RunOut):
 @router.post(
     "/projects/{slug}/runs",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra=CREATE_BODY_DOC,
+    openapi_extra=access("admin", extra=CREATE_BODY_DOC),
     responses={
         422: {"description": "unknown kind, or a config value outside its definition"},
         503: {"description": "the broker could not take the task (the run is marked failed)"},
@@ -137,7 +139,7 @@ def create_run(
     return RunOut.of(run)
 
 
-@router.get("/projects/{slug}/runs")
+@router.get("/projects/{slug}/runs", openapi_extra=access("reader"))
 def list_runs(
     project: ProjectDep,
     session: SessionDep,
@@ -151,7 +153,7 @@ def list_runs(
     return [RunOut.of(r) for r in rows]
 
 
-@router.get("/runs/{run_id}")
+@router.get("/runs/{run_id}", openapi_extra=access("reader"))
 def get_run(run_id: int, session: SessionDep, user: DataReader) -> RunDetail:
     """A run with its progress, ETA, error, log tail and metrics."""
     run = runs.get_run(session, run_id)
@@ -169,7 +171,11 @@ def get_run(run_id: int, session: SessionDep, user: DataReader) -> RunDetail:
     )
 
 
-@router.post("/runs/{run_id}/cancel", responses={409: {"description": "the run has ended"}})
+@router.post(
+    "/runs/{run_id}/cancel",
+    responses={409: {"description": "the run has ended"}},
+    openapi_extra=access("admin"),
+)
 def cancel_run(run_id: int, session: SessionDep, user: AdminUser, settings: SettingsDep) -> RunOut:
     """Cancel a run: a queued one ends now (its task is revoked), a running one stops at its
     next step."""

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from app.api.access import access
 from app.api.deps import AdminUser, DataReader, ProjectDep, SessionDep
 from app.kinds.data import SnapshotConfig
 from app.services import snapshots
@@ -22,7 +23,7 @@ class SnapshotOut(BaseModel):
     stats: dict[str, Any]
 
 
-@router.post("/snapshots", status_code=201)
+@router.post("/snapshots", status_code=201, openapi_extra=access("admin"))
 def create_snapshot(
     project: ProjectDep,
     session: SessionDep,
@@ -40,7 +41,7 @@ def create_snapshot(
     )
 
 
-@router.get("/snapshots")
+@router.get("/snapshots", openapi_extra=access("reader"))
 def list_snapshots(project: ProjectDep, session: SessionDep, user: DataReader) -> list[SnapshotOut]:
     return [
         SnapshotOut(

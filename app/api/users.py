@@ -6,7 +6,9 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.access import access
 from app.api.deps import AdminUser, AnyScopeUser, CurrentUser, SessionDep
+from app.api.schemas import InputModel
 from app.services import users
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
@@ -22,13 +24,13 @@ class UserOut(BaseModel):
     created_at: datetime
 
 
-class UserCreate(BaseModel):
+class UserCreate(InputModel):
     email: str
     password: str
     role: str = "rater"
 
 
-class TokenCreate(BaseModel):
+class TokenCreate(InputModel):
     name: str
     scope: Literal["read", "rater", "admin"] | None = Field(
         None,
@@ -58,18 +60,18 @@ class IssuedTokenOut(TokenOut):
     token: str
 
 
-@router.get("/me")
+@router.get("/me", openapi_extra=access("user"))
 def me(user: CurrentUser) -> UserOut:
     return UserOut.model_validate(user)
 
 
-@router.post("/users", status_code=status.HTTP_201_CREATED)
+@router.post("/users", status_code=status.HTTP_201_CREATED, openapi_extra=access("admin"))
 def create_user(body: UserCreate, session: SessionDep, admin: AdminUser) -> UserOut:
     user = users.create_user(session, body.email, body.password, body.role, actor_id=admin.id)
     return UserOut.model_validate(user)
 
 
-@router.post("/tokens", status_code=status.HTTP_201_CREATED)
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, openapi_extra=access("user"))
 def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> IssuedTokenOut:
     """Create a token for yourself. The secret appears in this answer only. Creating one with
     a token needs an admin-scoped token (a write), so a narrow token cannot mint a wider one."""
@@ -79,12 +81,12 @@ def create_token(body: TokenCreate, session: SessionDep, user: CurrentUser) -> I
     return IssuedTokenOut(**TokenOut.model_validate(issued.token).model_dump(), token=issued.secret)
 
 
-@router.get("/tokens")
+@router.get("/tokens", openapi_extra=access("user"))
 def list_tokens(session: SessionDep, user: CurrentUser) -> list[TokenOut]:
     return [TokenOut.model_validate(t) for t in users.list_tokens(session, user)]
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete("/tokens/{token_id}", openapi_extra=access("own_or_admin"))
 def revoke_token(
     token_id: int, request: Request, session: SessionDep, user: AnyScopeUser
 ) -> TokenOut:

@@ -33,7 +33,7 @@ from app.kinds.knobs import Knobs
 from app.kinds.registry import LAUNCHABLE_KINDS, RUN_KINDS, RunKind
 from app.models import DatasetSnapshot, ModelVersion, Project, Run, RunMetric, User, utcnow
 from app.models.training import FINISHED_STATUSES, RUN_STATUSES
-from app.services import audit, dispatch
+from app.services import audit, dispatch, inputs
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,11 @@ def validated_config(
     check = _validator(kind)
     if check is not None:
         parsed = check(session, project, parsed)
-    return parsed.model_dump(mode="json")
+    stored = parsed.model_dump(mode="json")
+    # Texts a config carries (a playground prompt, a reason) are stored with the run.
+    if (problem := inputs.value_problem(stored)) is not None:
+        raise InvalidInput(f"config: {problem}", [FieldError(None, "config", problem)])
+    return stored
 
 
 # --- creating, listing, cancelling ------------------------------------------------------------

@@ -20,6 +20,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
+from app.api.access import access
 from app.api.deps import SAFE_METHODS, SessionDep, WebUser, begin_session, check_csrf
 from app.models import User, utcnow
 from app.services import users
@@ -77,12 +78,12 @@ def _by_field(exc: InvalidInput, default: str) -> dict[str, str]:
     return by_field
 
 
-@router.get("/account/tokens")
+@router.get("/account/tokens", openapi_extra=access("user"))
 def tokens_page(request: Request, session: SessionDep, user: SignedIn) -> Response:
     return _tokens(request, session, user)
 
 
-@router.post("/account/tokens")
+@router.post("/account/tokens", openapi_extra=access("user"))
 def create_token(
     request: Request,
     session: SessionDep,
@@ -103,13 +104,13 @@ def create_token(
     return _tokens(request, session, user, status_code=201, issued=issued)
 
 
-@router.post("/account/tokens/{token_id}/revoke")
+@router.post("/account/tokens/{token_id}/revoke", openapi_extra=access("own"))
 def revoke_token(request: Request, token_id: int, session: SessionDep, user: SignedIn) -> Response:
     token = users.revoke_token(session, token_id, user, only_own=True)
     return done(request, "/account/tokens", f"Token {token.name!r} revoked: it no longer works.")
 
 
-@router.post("/account/password")
+@router.post("/account/password", openapi_extra=access("user"))
 def change_password(
     request: Request,
     session: SessionDep,
@@ -172,7 +173,7 @@ def _invite_form(
     return render(request, "account/invite.html", context, status_code)
 
 
-@router.get("/invite/{token}")
+@router.get("/invite/{token}", openapi_extra=access("public"))
 def invite_page(request: Request, token: str, session: SessionDep, user: WebUser) -> Response:
     try:
         offer = users.invite_offer(session, token)
@@ -181,7 +182,7 @@ def invite_page(request: Request, token: str, session: SessionDep, user: WebUser
     return _invite_form(request, offer, token, user)
 
 
-@router.post("/invite/{token}")
+@router.post("/invite/{token}", openapi_extra=access("public"))
 def accept_invite(
     request: Request,
     token: str,

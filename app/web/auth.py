@@ -14,6 +14,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
+from app.api.access import access
 from app.api.deps import SessionDep, WebUser, begin_session, check_csrf
 from app.core.limits import limits_for
 from app.services import users
@@ -29,14 +30,14 @@ def _safe_next(target: str | None) -> str:
     return "/"
 
 
-@router.get("/login")
+@router.get("/login", openapi_extra=access("public"))
 def login_page(request: Request, user: WebUser, next: str | None = None) -> Response:
     if user is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
     return render(request, "login.html", {"next": _safe_next(next), "error": None, "email": ""})
 
 
-@router.post("/login")
+@router.post("/login", openapi_extra=access("public"))
 def login(
     request: Request,
     session: SessionDep,
@@ -76,7 +77,7 @@ def login(
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
-@router.post("/logout")
+@router.post("/logout", openapi_extra=access("public"))
 def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
     check_csrf(request, csrf_token)
     request.session.clear()

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
+from app.api.access import access
 from app.api.deps import SessionDep, WebUser
 from app.services import staffing
 from app.web.templating import render
@@ -13,7 +14,7 @@ from app.web.templating import render
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.get("/", openapi_extra=access("user"))
 def home(request: Request, user: WebUser, session: SessionDep) -> Response:
     if user is None:
         return RedirectResponse("/login", status_code=303)
@@ -22,12 +23,12 @@ def home(request: Request, user: WebUser, session: SessionDep) -> Response:
     return render(request, "home.html", {"user": user, "projects": rateable})
 
 
-@router.get("/favicon.ico")
+@router.get("/favicon.ico", openapi_extra=access("public"))
 def favicon() -> Response:
     """Browsers ask for /favicon.ico whatever the page says; send them to the icon."""
     return RedirectResponse("/static/favicon.svg", status_code=301)
 
 
-@router.get("/docs")
+@router.get("/docs", openapi_extra=access("public"))
 def api_docs(request: Request) -> Response:
     return render(request, "swagger.html", {})

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
+from app.api.access import access
 from app.api.deps import SessionDep, WebUser, check_csrf
 from app.models import Assignment, Project, User
 from app.services import assignment as assignment_service
@@ -115,7 +116,7 @@ def _rater(user: User | None) -> User:
     return user
 
 
-@router.get("/p/{slug}/rate")
+@router.get("/p/{slug}/rate", openapi_extra=access("rater"))
 def rate_page(request: Request, slug: str, session: SessionDep, user: WebUser) -> Response:
     if user is None:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
@@ -135,7 +136,7 @@ def rate_page(request: Request, slug: str, session: SessionDep, user: WebUser) -
     return render(request, "rate.html", ctx)
 
 
-@router.get("/p/{slug}/rate/next")
+@router.get("/p/{slug}/rate/next", openapi_extra=access("rater"))
 def rate_next(request: Request, slug: str, session: SessionDep, user: WebUser) -> Response:
     """The task partial (and counts) for htmx: after a 409, or "check again" when done."""
     rater = _rater(user)
@@ -222,14 +223,14 @@ async def _act(
     return render(request, "partials/rate_next.html", ctx)
 
 
-@router.post("/p/{slug}/rate/{assignment_id}")
+@router.post("/p/{slug}/rate/{assignment_id}", openapi_extra=access("own"))
 async def rate_submit(
     request: Request, slug: str, assignment_id: int, session: SessionDep, user: WebUser
 ) -> Response:
     return await _act(request, slug, assignment_id, session, user, _submit)
 
 
-@router.post("/p/{slug}/rate/{assignment_id}/skip")
+@router.post("/p/{slug}/rate/{assignment_id}/skip", openapi_extra=access("own"))
 async def rate_skip(
     request: Request, slug: str, assignment_id: int, session: SessionDep, user: WebUser
 ) -> Response:

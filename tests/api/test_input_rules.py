@@ -176,3 +176,27 @@ def test_imports_refuse_what_cannot_be_stored(
     assert any(e["line"] == 2 and (field is None or field in e["message"]) and words in e["message"]
                for e in errors), errors  # fmt: skip
     assert factory.count(Prompt) == factory.count(Judgment) == 0
+
+
+def test_every_json_body_and_query_parameter_follows_the_rules(
+    client: TestClient, factory: Factory, project: Project, headers: dict[str, str]
+) -> None:
+    """Not only uploads: a token's or a project's name, a judgment's rationale, a run's config,
+    a query parameter. (Found by Schemathesis: a token named "\\x00" answered 500.)"""
+    json_headers = {**headers, "Content-Type": "application/json"}
+    bodies = [
+        ("/api/v1/tokens", '{"name": "\\u0000"}', "name", "NUL"),
+        ("/api/v1/tokens", '{"name": "a\\ud800"}', "name", "lone surrogate"),
+        ("/api/v1/projects", '{"slug": "fine", "name": "x\\u0000"}', "name", "NUL"),
+        (f"/api/v1/projects/{project.slug}/runs",
+         '{"kind": "generate", "config": {"note\\u0000": 1}}', "config", "NUL"),
+    ]  # fmt: skip
+    for url, body, field, words in bodies:
+        response = client.post(url, content=body, headers=json_headers)
+        assert response.status_code == 422, (url, response.text)
+        errors = response.json()["errors"]
+        assert any(e["field"] == field and words in e["message"] for e in errors), errors
+    # A query parameter reaches a query: on PostgreSQL the last line of the rules answers.
+    response = client.get("/api/v1/audit", params={"actor": "a\x00b"}, headers=headers)
+    assert response.status_code == 422, response.text
+    assert factory.count(Project) == 1
