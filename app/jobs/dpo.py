@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs.common import checkpoint_dir, model_dir, train_candidate
+from app.jobs.distributed import trainer_call
 from app.jobs.runner import RunContext
 from app.kinds.dpo import DPOConfig, DPOKnobs, DPORunConfig
 from app.kinds.knobs import knobs_of
@@ -65,9 +66,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     result, metrics = train_candidate(
         ctx,
         version,
-        lambda: train_dpo(
-            trainer_config, policy_dir, pairs, out_dir, checkpoint_dir=checkpoint_dir(ctx),
-            hooks=ctx.hooks, resume=True,
+        trainer_call(
+            ctx, "dpo", config.num_processes, train_dpo,
+            config=trainer_config, policy_dir=policy_dir, pairs=pairs, output_dir=out_dir,
+            checkpoint_dir=checkpoint_dir(ctx), resume=True,
         ),
         algorithm="dpo",
         train_examples=len(pairs),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.jobs.common import checkpoint_dir, model_dir, train_into
+from app.jobs.distributed import trainer_call
 from app.jobs.runner import RunContext
 from app.kinds.knobs import knobs_of
 from app.kinds.reward import RewardConfig, RewardKnobs, RewardRunConfig
@@ -56,17 +57,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     result = train_into(
         ctx,
         version,
-        lambda: train_reward_model(
-            trainer_config,
-            train,
-            val,
-            out_dir,
-            checkpoint_dir=checkpoint_dir(ctx),
-            hooks=ctx.hooks,
-            resume=True,
-            snapshot_id=snapshot.id,
-        ),  # fmt: skip
-    )
+        trainer_call(
+            ctx, "reward", config.num_processes, train_reward_model,
+            config=trainer_config, train=train, val=val, output_dir=out_dir,
+            checkpoint_dir=checkpoint_dir(ctx), resume=True, snapshot_id=snapshot.id,
+        ),
+    )  # fmt: skip
 
     metrics: dict[str, Any] = {k: float(v) for k, v in result.final_metrics.items()}
     # Examples are judgments, pairs distinct comparisons (three raters on one pair: 3 and 1).

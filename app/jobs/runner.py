@@ -40,6 +40,7 @@ from app.kinds.registry import RUN_KINDS, RunKind
 from app.ml.hooks import Cancelled
 from app.models import Project, Run, RunMetric, utcnow
 from app.services import audit
+from app.services.generation import storable_text
 from app.services.runs import (
     LOG_TAIL_LINES,
     append_line,
@@ -225,6 +226,17 @@ def _end_stopped(session: Session, hooks: RunHooks, spec: RunKind, settings: Set
     return "failed"
 
 
+def _storable(value: Any) -> Any:
+    """`value` (JSON-able) with every string in it, keys too, as `storable_text` makes it."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
 def heartbeat_interval(settings: Settings) -> float:
     """Heartbeat (and cancel check) period: a few beats per timeout, at most 5 s apart."""
     return max(0.2, min(5.0, settings.worker_heartbeat_timeout_s / 4))
@@ -320,9 +332,11 @@ class RunHooks:
             "log_tail": self._push(message),
         }
         if error is not None:
-            values["error"] = error
+            values["error"] = storable_text(error)
         if result is not None:
-            values["result"] = result
+            # Model output (a PPO sample table) may hold NUL, which PostgreSQL's jsonb refuses:
+            # the run would then never record its end and be retried until it fails.
+            values["result"] = _storable(result)
         if not self._write(values):
             logger.warning(
                 "run %s: could not record %r, the run was taken over", self.run_id, status
@@ -339,7 +353,7 @@ class RunHooks:
 
     def _push(self, message: str) -> str:
         with self._lock:
-            for row in message.splitlines() or [""]:
+            for row in storable_text(message).splitlines() or [""]:
                 self._lines.append(line(row))
             return trim("\n".join(self._lines))
 

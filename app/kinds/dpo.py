@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from app.kinds.data import SnapshotConfig
-from app.kinds.knobs import Knobs, knob, must_divide
+from app.kinds.knobs import Knobs, knob, must_divide, num_processes_knob
 
 
 class DPOKnobs(Knobs):
@@ -43,6 +43,12 @@ class DPOKnobs(Knobs):
     lora_alpha: int = knob(32, "LoRA alpha (scale = alpha / r).", ge=1)
     lora_target_modules: str | list[str] = knob("all-linear", "Modules that get LoRA adapters.")
     checkpoint_every: int = knob(10, "Write a resumable checkpoint every this many steps.", ge=1)
+    checkpoint_every_s: float = knob(
+        60.0,
+        "Also write one once this many seconds passed since the last, checked between steps"
+        " (0: by step count only): a killed worker loses at most about this much work.",
+        ge=0.0,
+    )
 
     _accumulation_divides_batch = must_divide("gradient_accumulation_steps", "batch_size")
 
@@ -68,3 +74,4 @@ class DPORunConfig(DPOKnobs):
     reward_model_id: int | None = Field(
         None, description="reward model the evaluation uses (default: the active one)"
     )
+    num_processes: int = num_processes_knob()

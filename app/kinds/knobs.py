@@ -87,6 +87,19 @@ def same_knob(owner: type[BaseModel], name: str, *, note: str = "", **changes: A
     return merged
 
 
+def num_processes_knob(*, le: int = 64, note: str = "") -> Any:
+    """A run config's `num_processes`: how many training processes (one per GPU) its job starts.
+
+    Not a trainer knob: the trainer learns its rank and world size from `torch.distributed`, and
+    with the batch size global the trajectory does not depend on it (`app.ml.distributed`)."""
+    help = (
+        "Training processes on the worker's host, one per GPU (CPU: gloo). Above 1 the job"
+        " launches torchrun and trains under DistributedDataParallel; batch_size stays the"
+        " global batch, split across the processes."
+    )
+    return Field(1, ge=1, le=le, description=f"{help} {note}".strip())
+
+
 def knobs_of(config: BaseModel, knobs: type[BaseModel]) -> dict[str, Any]:
     """The values of `knobs`' fields in `config`: a run config's knobs, for its trainer."""
     return config.model_dump(include=set(knobs.model_fields))

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from app.kinds.data import SnapshotConfig
-from app.kinds.knobs import Knobs, knob, same_knob
+from app.kinds.knobs import Knobs, knob, num_processes_knob, same_knob
 
 TrainMode = Literal["full", "lora", "last_n"]
 TRAIN_MODES: tuple[TrainMode, ...] = ("full", "lora", "last_n")
@@ -77,7 +77,13 @@ class RewardKnobs(Knobs):
     )
     seed: int = knob(0, "Seeds the head init, adapters and data order.")
     checkpoint_every: int = knob(
-        0, "Write a resumable checkpoint every N steps (0: only when cancelled).", ge=0
+        0, "Write a resumable checkpoint every N steps (0: by time and on cancel only).", ge=0
+    )
+    checkpoint_every_s: float = knob(
+        60.0,
+        "Also write one once this many seconds passed since the last, checked between steps"
+        " (0: by step count only): a killed worker loses at most about this much work.",
+        ge=0.0,
     )
 
     @model_validator(mode="after")
@@ -114,3 +120,4 @@ class RewardRunConfig(RewardKnobs):
         RewardKnobs, "train_mode", default="last_n", note="a run's default: last_n, for a CPU"
     )
     checkpoint_every: int = same_knob(RewardKnobs, "checkpoint_every", default=50)
+    num_processes: int = num_processes_knob()

@@ -6,8 +6,14 @@ only LoRA adapters and copied heads), the optimizer and the learning-rate schedu
 global RNG states (Python, NumPy, torch on the CPU and every CUDA device) and the run's own
 `torch.Generator`s, the step, the config, the identity of the data (a snapshot id, a pair
 count), and what the trainer adds of its own (metrics history, the adaptive-beta state, the
-prompt order, ...). It is written to a temp file and moved into place (`atomic_torch_save`),
-so a crash while writing leaves the previous checkpoint whole.
+prompt order, ...). It is written to a temp file, flushed to disk and moved into place
+(`atomic_torch_save`), so a crash while writing leaves the previous checkpoint whole: the load
+reads only the real name, never a temp file a killed writer left beside it.
+
+When to write one is `CheckpointSchedule`'s call: every `checkpoint_every` steps, and also once
+`checkpoint_every_s` seconds passed since the last one (checked at step boundaries), so a killed
+worker loses at most about that much work however long a step is. Under DDP rank 0's clock
+decides for every rank, since the ranks must enter the checkpoint's barrier together.
 
 A checkpoint resumes only under the settings it was written with, except the fields its
 trainer names as resumable (bookkeeping such as `checkpoint_every`, which cannot change the
@@ -18,13 +24,15 @@ what changed.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from app.ml.io import atomic_torch_save
@@ -91,6 +99,45 @@ def check_resumable(
         raise ValueError(f"checkpoint was written with different settings: {changed}")
 
 
+class CheckpointSchedule:
+    """Says at each step boundary whether a checkpoint is due: every `every_steps` steps (0:
+    never by count) or once `every_s` seconds passed since the last one (0: never by time).
+
+    The time rule bounds what a kill costs; the count rule stays for reproducible layouts.
+    Call `saved()` after each write (any write, a cancel's included) to restart the clock.
+    """
+
+    def __init__(
+        self,
+        every_steps: int,
+        every_s: float,
+        *,
+        device: torch.device | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every_steps = every_steps
+        self.every_s = every_s
+        self.device = device  # under DDP: the rank's device, for the broadcast
+        self._clock = clock
+        self._last = clock()
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after `step` finished steps (the same answer on every rank)."""
+        by_count = self.every_steps > 0 and step % self.every_steps == 0
+        if by_count or self.every_s <= 0:
+            return by_count  # a pure function of the step: every rank agrees without asking
+        late = self._clock() - self._last >= self.every_s
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(late)], device=self.device or torch.device("cpu"))
+            dist.broadcast(flag, src=0)
+            late = bool(flag.item())
+        return late
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the time rule counts from now."""
+        self._last = self._clock()
+
+
 @dataclass
 class TrainCheckpoint:
     """A trainer's checkpoint file and the live objects it saves and restores.
@@ -132,7 +179,12 @@ class TrainCheckpoint:
 
         Refuses (`ValueError`) a file of another format, settings or data before touching any
         live object."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return None
+        # A writer killed mid-write left its temp file; the file under the real name is whole.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not self.path.exists():
             return None
         # Our own file, holding RNG states (tuples, numpy arrays) that weights_only refuses.
         saved = torch.load(self.path, map_location="cpu", weights_only=False)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from app.kinds.dpo import DPOConfig
-from app.ml.checkpoint import TrainCheckpoint, seed_everything
+from app.ml.checkpoint import CheckpointSchedule, TrainCheckpoint, seed_everything
+from app.ml.distributed import Ranks
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.loading import dtype_for, load_tokenizer, pick_device
 from app.ml.policy import (
@@ -49,7 +50,7 @@ from app.ml.policy import (
 
 CHECKPOINT_FILE = "dpo_checkpoint.pt"
 # Bookkeeping only: a checkpoint resumes under any value of these.
-_RESUMABLE_FIELDS = {"checkpoint_every"}
+_RESUMABLE_FIELDS = {"checkpoint_every", "checkpoint_every_s"}
 
 
 @dataclass
@@ -183,6 +184,7 @@ def train_dpo(
     checkpoint_dir: str | Path,
     hooks: Hooks | None = None,
     resume: bool = True,
+    ranks: Ranks | None = None,
 ) -> DPOResult:
     """Train the policy in `policy_dir` with DPO on `pairs`; write it to `output_dir` (HF format).
 
@@ -190,13 +192,16 @@ def train_dpo(
     `rejected` (response texts). Metrics go to `hooks.metrics` every step; on
     `hooks.should_stop()` the run checkpoints and raises `Cancelled`; `resume=True` continues from
     `checkpoint_dir` and ends where an uninterrupted run would have.
+
+    Under torchrun, `ranks` (`app.ml.distributed`) trains under DDP: each rank takes its shard
+    of every micro-batch, `batch_size` stays global, rank 0 reports, checkpoints and saves.
     """
     hooks = hooks or NullHooks()
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
     data = [_as_pair(p) for p in pairs]
     if not data:
         raise ValueError("no preference pairs")
-    device = pick_device(config.device)
+    device = ranks.device if ranks is not None else pick_device(config.device)
     dtype = dtype_for(device, config.dtype)
 
     # ---- Seeding: the pair order of epoch e is a permutation drawn from seed + e, so a resumed
@@ -235,14 +240,29 @@ def train_dpo(
     if resume and (resumed := checkpoint.load()) is not None:
         start_step, extra = resumed
         history = list(extra["history"])
+        hooks.progress(start_step, total_steps, f"resumed from the checkpoint at step {start_step}")
+    schedule = CheckpointSchedule(
+        config.checkpoint_every,
+        config.checkpoint_every_s,
+        device=ranks.device if ranks is not None else None,
+    )
 
     def save_checkpoint(step: int) -> None:
-        checkpoint.save(step, {"history": history})
+        if ranks is None or ranks.is_main:
+            checkpoint.save(step, {"history": history})
+        if ranks is not None:
+            ranks.barrier()  # nobody moves on (or exits) before rank 0's file is whole
+        schedule.saved()
 
+    def stop_requested() -> bool:
+        return hooks.should_stop() if ranks is None else ranks.should_stop(hooks)
+
+    # Under DDP the policy's forward runs through the wrapper, whose backward all-reduces.
+    trained: Any = ranks.wrap(policy) if ranks is not None else policy
     last_saved = start_step
     micro = config.batch_size // config.gradient_accumulation_steps
     for step in range(start_step, total_steps):
-        if hooks.should_stop():
+        if stop_requested():
             if last_saved != step:
                 save_checkpoint(step)
             raise Cancelled(f"DPO cancelled before step {step + 1}")
@@ -255,15 +275,20 @@ def train_dpo(
         optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "accuracy": 0.0}
         for start in range(0, len(batch), micro):
-            items = [encoded[i] for i in batch[start : start + micro]]
+            chunk = batch[start : start + micro]
+            # Under DDP: this rank's shard, its sum scaled by the ranks' number (DDP averages);
+            # an empty shard runs one pair at weight 0, since every rank joins each all-reduce.
+            mine = chunk if ranks is None else ranks.shard(chunk)
+            part = mine or chunk[:1]
+            items = [encoded[i] for i in part]
             n = len(items)
             ids, attention, completion = _collate(items, pad_id, device)
             # One forward for chosen and rejected together: half the kernel launches.
             with torch.no_grad(), ref_context():
                 ref = completion_logps(ref_model, ids, attention, completion)
-            logps = completion_logps(policy, ids, attention, completion)
+            logps = completion_logps(trained, ids, attention, completion)
             labels = torch.tensor(
-                [data[i].label for i in batch[start : start + micro]],
+                [data[i].label for i in part],
                 dtype=logps.dtype,
                 device=logps.device,
             )
@@ -271,12 +296,19 @@ def train_dpo(
             losses, chosen_r, rejected_r = dpo_loss(
                 logps[:n], logps[n:], ref[:n], ref[n:], config.beta, smoothing
             )
+            total = losses.sum()
+            if ranks is not None:
+                total = total * (ranks.world_size if mine else 0)
             # Weight by the micro-batch share so an uneven last batch still averages correctly.
-            (losses.sum() / len(batch)).backward()
+            (total / len(batch)).backward()
+            if not mine:
+                continue
             sums["loss"] += float(losses.detach().sum())
             sums["chosen"] += float(chosen_r.sum())
             sums["rejected"] += float(rejected_r.sum())
             sums["accuracy"] += float((chosen_r > rejected_r).float().sum())
+        if ranks is not None:  # the step's metrics are over the whole global batch
+            sums = ranks.sum(sums)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
 
@@ -293,7 +325,7 @@ def train_dpo(
             raise FloatingPointError(f"DPO diverged at step {done}")
         history.append(metrics)
         hooks.metrics(done, metrics)
-        if done % config.checkpoint_every == 0 or done == total_steps:
+        if done == total_steps or schedule.due(done):
             save_checkpoint(done)
             last_saved = done
         hooks.progress(
@@ -304,7 +336,8 @@ def train_dpo(
         )
 
     final = history[-1] if history else {}
-    save_policy(
-        policy, tokenizer, output_dir, {"algorithm": "dpo", "config": config.to_dict(), **final}
-    )
+    if ranks is None or ranks.is_main:
+        save_policy(
+            policy, tokenizer, output_dir, {"algorithm": "dpo", "config": config.to_dict(), **final}
+        )
     return DPOResult(output_dir, total_steps, final, history)

@@ -13,16 +13,35 @@ import torch
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write `obj` with torch.save to a temp file beside `path`, then `os.replace` it into place."""
+    """Write `obj` with torch.save to a temp file beside `path`, then `os.replace` it into place.
+
+    The file is fsynced before the rename and the directory after it: a crash (or a power cut)
+    at any point leaves either the previous file or the new one whole under `path`, never a
+    truncated one. A killed writer may leave its `.NAME.*.tmp` behind; nothing reads those."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -53,12 +53,14 @@ from transformers import (
 from app.kinds.reward import RewardConfig
 from app.ml.chat import inert_messages
 from app.ml.checkpoint import (
+    CheckpointSchedule,
     TrainCheckpoint,
     load_trainable_state,
     seed_everything,
     trainable_state,
 )
 from app.ml.counts import decided_pairs, distinct_pairs, wilson_interval
+from app.ml.distributed import Ranks
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.io import save_model_dir
 from app.ml.loading import load_tokenizer, pick_device
@@ -76,8 +78,9 @@ from app.ml.vocab_grads import embed, plain_embedding
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METADATA_NAME = "verdict_reward.json"
-# A run may resume on another device; every other setting must be what it started with.
-_RESUMABLE_FIELDS = {"device"}
+# A run may resume on another device and checkpoint on another schedule; every other setting
+# must be what it started with.
+_RESUMABLE_FIELDS = {"device", "checkpoint_every", "checkpoint_every_s"}
 # A reward given as a callable: (prompt messages, response texts, response token ids) -> scores.
 ScoreFn = Callable[[list[Messages], list[str], list[list[int]]], torch.Tensor | Sequence[float]]
 
@@ -561,6 +564,20 @@ class RewardResult:
     stopped_early: bool
 
 
+class _PairRewards(nn.Module):
+    """`_PairSet.rewards` as a module's forward, so DDP sees the forward its gradients follow."""
+
+    def __init__(
+        self, model: PreTrainedModel, pairs: _PairSet, pad_id: int, n_frozen: int | None
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.pairs, self.pad_id, self.n_frozen = pairs, pad_id, n_frozen
+
+    def forward(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.pairs.rewards(self.model, indices, self.pad_id, self.n_frozen)
+
+
 def _copy_of_trainable(root: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights as a copy that later steps cannot change (the best so far)."""
     return {n: t.clone() for n, t in trainable_state(root).items()}
@@ -575,6 +592,7 @@ def train_reward_model(
     hooks: Hooks | None = None,
     resume: bool = True,
     snapshot_id: int | None = None,
+    ranks: Ranks | None = None,
 ) -> RewardResult:
     """Train a reward model on `train`, evaluate on `val`, and save it to `output_dir`.
 
@@ -585,12 +603,15 @@ def train_reward_model(
     `Cancelled` is raised. With `resume`, an existing checkpoint in `checkpoint_dir` from the
     same config and snapshot is continued, ending exactly where an uninterrupted run would.
     The output is a Hugging Face directory (model + tokenizer) written atomically.
+
+    Under torchrun, `ranks` (`app.ml.distributed`) trains under DDP: each rank takes its shard
+    of every batch, `batch_size` stays global, rank 0 reports, checkpoints and saves.
     """
     hooks = hooks if hooks is not None else NullHooks()
 
     # --- seeding -----------------------------------------------------------------------------
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = ranks.device if ranks is not None else pick_device(config.device)
 
     # --- data --------------------------------------------------------------------------------
     tokenizer = load_tokenizer(config.backbone)
@@ -652,8 +673,17 @@ def train_reward_model(
         best_params, evals_without_gain = extra["best_params"], extra["evals_without_gain"]
         eval_history = extra["eval_history"]
         train_seconds += extra["train_seconds"]
+        hooks.progress(step, total_steps, f"resumed from the checkpoint at step {step}")
+    schedule = CheckpointSchedule(
+        config.checkpoint_every,
+        config.checkpoint_every_s,
+        device=device if ranks is not None else None,
+    )
 
     def save_checkpoint() -> None:
+        if ranks is not None and not ranks.is_main:
+            ranks.barrier()  # rank 0 writes it; nobody moves on (or exits) before it is whole
+            return
         checkpoint.save(
             step,
             {
@@ -665,6 +695,15 @@ def train_reward_model(
                 "train_seconds": train_seconds,
             },
         )
+        if ranks is not None:
+            ranks.barrier()
+        schedule.saved()
+
+    def stop_requested() -> bool:
+        return hooks.should_stop() if ranks is None else ranks.should_stop(hooks)
+
+    # Under DDP the forward runs through the wrapper, whose backward all-reduces the gradients.
+    ddp = ranks.wrap(_PairRewards(model, train_set, pad_id, n_frozen)) if ranks else None
 
     # --- training loop -----------------------------------------------------------------------
     epoch_cache: dict[int, list[list[int]]] = {}
@@ -687,17 +726,35 @@ def train_reward_model(
         optimizer.zero_grad(set_to_none=True)
         chosen, rejected, margins, labels = [], [], [], []
         for batch in micro:
-            rewards = train_set.rewards(model, batch, pad_id, n_frozen)
-            margin, label = train_set.targets(batch, rewards.device)
-            loss = preference_loss(
-                rewards[:, 0], rewards[:, 1], margin, label, config.center_rewards_coefficient
-            )
-            # Sum over pairs / pairs in the step: the step's mean loss, whatever the split.
-            (loss.sum() / n_pairs).backward()
+            if ranks is None or ddp is None:
+                rewards = train_set.rewards(model, batch, pad_id, n_frozen)
+                margin, label = train_set.targets(batch, rewards.device)
+                loss = preference_loss(
+                    rewards[:, 0], rewards[:, 1], margin, label, config.center_rewards_coefficient
+                )
+                # Sum over pairs / pairs in the step: the step's mean loss, whatever the split.
+                (loss.sum() / n_pairs).backward()
+            else:
+                # This rank's shard; DDP averages over the ranks, so the sum is scaled by their
+                # number. An empty shard runs one pair at weight 0: every rank joins each reduce.
+                mine = ranks.shard(batch)
+                rewards = ddp(mine or batch[:1])
+                margin, label = train_set.targets(mine or batch[:1], rewards.device)
+                loss = preference_loss(
+                    rewards[:, 0], rewards[:, 1], margin, label, config.center_rewards_coefficient
+                )
+                (loss.sum() * (ranks.world_size if mine else 0) / n_pairs).backward()
+                if not mine:
+                    continue
             chosen.append(rewards[:, 0].detach())
             rejected.append(rewards[:, 1].detach())
             margins.append(margin)
             labels.append(label)
+        if ranks is not None:  # the step's metrics are over the whole global batch
+            chosen, rejected, margins, labels = (
+                [ranks.cat(torch.cat(xs) if xs else torch.empty(0, device=device))]
+                for xs in (chosen, rejected, margins, labels)
+            )
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         lr = scheduler.get_last_lr()[0]
@@ -756,10 +813,10 @@ def train_reward_model(
         hooks.progress(step, total_steps, f"step {step}/{total_steps} loss {stats['loss']:.4f}")
         if stopped_early:
             break
-        if step < total_steps and hooks.should_stop():
+        if step < total_steps and stop_requested():
             save_checkpoint()
             raise Cancelled(f"reward training cancelled at step {step}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+        if step < total_steps and schedule.due(step):
             save_checkpoint()
 
     # --- output ------------------------------------------------------------------------------
@@ -767,7 +824,8 @@ def train_reward_model(
     if config.restore_best and best_params is not None and best_step != step:
         load_trainable_state(root, best_params)
         final_metrics.update(eval_history[best_step] if best_step is not None else {})
-    _save_output(model, root, tokenizer, config, output_dir, snapshot_id, final_metrics)
+    if ranks is None or ranks.is_main:
+        _save_output(model, root, tokenizer, config, output_dir, snapshot_id, final_metrics)
     return RewardResult(
         output_dir=output_dir,
         steps=step,

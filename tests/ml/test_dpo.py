@@ -135,7 +135,8 @@ def test_dpo_resume_equals_uninterrupted(tmp_path: Path) -> None:
         dpo.train_dpo(cfg, policy_dir, PAIRS, tmp_path / "b", tmp_path / "cb", RecordingHooks(2))
     hooks = RecordingHooks()
     resumed = dpo.train_dpo(cfg, policy_dir, PAIRS, tmp_path / "b", tmp_path / "cb", hooks)
-    assert [c[0] for c in hooks.progress_calls] == [3, 4]
+    assert [c[0] for c in hooks.progress_calls] == [2, 3, 4]
+    assert hooks.progress_calls[0][2] == "resumed from the checkpoint at step 2"
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     ma = AutoModelForCausalLM.from_pretrained(str(full.output_dir)).state_dict()

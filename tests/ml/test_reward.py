@@ -330,7 +330,9 @@ def test_resume_after_cancel_equals_uninterrupted_run(backbone: Path, tmp_path: 
     )
 
     assert resumed.steps == straight.steps
-    assert [c[0] for c in resumed_hooks.progress_calls] == list(range(5, straight.steps + 1))
+    # The resumed run says where it picked up, then counts on from there (never from 0).
+    assert resumed_hooks.progress_calls[0][::2] == (4, "resumed from the checkpoint at step 4")
+    assert [c[0] for c in resumed_hooks.progress_calls[1:]] == list(range(5, straight.steps + 1))
     tail = straight_hooks.metric_calls[4:]
     assert [s for s, _ in resumed_hooks.metric_calls] == [s for s, _ in tail]
     for (_, got), (_, want) in zip(resumed_hooks.metric_calls, tail, strict=True):
