@@ -155,6 +155,14 @@ def execute_run(
     back in the queue (it continues on the next worker start), any other run fails. An error
     in the handler marks the run failed with the message and is re-raised for the worker log.
     """
+    if interrupted is not None and interrupted():
+        # A worker already shutting down takes no new run (on the SQLite broker it may still be
+        # handed the message it re-sent for the run it just put back): the run stays queued,
+        # and the next worker to start sends its message again.
+        logger.info(
+            "run %s: delivery of task %s left queued, the worker is stopping", run_id, task_id
+        )
+        return "skipped"
     session = new_session(settings.database_url)
     try:
         attempt = claim_run(session, run_id, worker=worker)
