@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs.common import checkpoint_dir, model_dir, train_candidate
+from app.jobs.distributed import trainer_call
 from app.jobs.runner import RunContext
 from app.kinds.knobs import knobs_of
 from app.kinds.ppo import PPOConfig, PPOKnobs, PPORunConfig
@@ -56,17 +57,24 @@ def run(ctx: RunContext) -> dict[str, Any]:
         if table:
             ctx.log(f"step {step} sample (score {table[0]['score']:.3f}): {table[0]['response']!r}")
 
+    # In several processes the sample tables reach the log after training (`PPOResult.samples`):
+    # the ranks report through a file, and a callback into this process cannot go with them.
+    several = config.num_processes > 1
     result, metrics = train_candidate(
         ctx,
         version,
-        lambda: train_ppo(
-            trainer_config, policy_dir, reward_dir, prompts, out_dir,
-            checkpoint_dir=checkpoint_dir(ctx), hooks=ctx.hooks, resume=True,
-            on_samples=on_samples,
+        trainer_call(
+            ctx, "ppo", config.num_processes, train_ppo,
+            config=trainer_config, policy_dir=policy_dir, reward=reward_dir, prompts=prompts,
+            output_dir=out_dir, checkpoint_dir=checkpoint_dir(ctx), resume=True,
+            on_samples=None if several else on_samples,
         ),
         algorithm="ppo",
         train_prompts=len(prompts),
     )  # fmt: skip
+    if several:
+        for step, table in sorted(result.samples.items()):
+            on_samples(step, table)
     next_run = loop.after_policy_run(
         session, project, version, reward.id, ctx.run_id, ctx.log_after_commit, settings=settings
     )

@@ -3,9 +3,9 @@ which prompts), with the defaults a CPU worker runs well with."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
-from app.kinds.knobs import Knobs, knob, must_divide, same_knob
+from app.kinds.knobs import Knobs, knob, must_divide, num_processes_knob, same_knob
 
 
 class PPOKnobs(Knobs):
@@ -93,6 +93,12 @@ class PPOKnobs(Knobs):
     sample_every: int = knob(5, "Store a table of sample responses every this many steps.", ge=1)
     num_sample_rows: int = knob(4, "Rows in each sample table.", ge=0, le=64)
     checkpoint_every: int = knob(1, "Write a resumable checkpoint every this many steps.", ge=1)
+    checkpoint_every_s: float = knob(
+        60.0,
+        "Also write one once this many seconds passed since the last, checked between steps"
+        " (0: by step count only): a killed worker loses at most about this much work.",
+        ge=0.0,
+    )
 
     _minibatch_divides_batch = must_divide("mini_batch_size", "batch_size")
     _accumulation_divides_minibatch = must_divide("gradient_accumulation_steps", "mini_batch_size")
@@ -125,3 +131,19 @@ class PPORunConfig(PPOKnobs):
     max_new_tokens: int = same_knob(
         PPOKnobs, "max_new_tokens", note="default: the project's max_new_tokens, at most 256"
     )
+    num_processes: int = num_processes_knob(
+        note="PPO: each process samples and scores its share of every batch of prompts, so"
+        " batch_size must be at least num_processes."
+    )
+
+    @field_validator("num_processes")
+    @classmethod
+    def _a_prompt_per_process(cls, value: int, info: ValidationInfo) -> int:
+        # A rank with no prompt would have no rollout to contribute (app.ml.ppo._rollout).
+        batch_size = info.data.get("batch_size")
+        if batch_size is not None and value > batch_size:
+            raise ValueError(
+                f"num_processes {value} exceeds batch_size {batch_size}: every process"
+                " samples at least one prompt per step"
+            )
+        return value

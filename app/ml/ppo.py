@@ -13,7 +13,12 @@ Read top to bottom, like CleanRL's `ppo.py`:
 4. `train_ppo`, in phases: `_setup` (seeding, the roles, optimizer and beta), then per step
    `_rollout` (sample, score, per-token rewards, GAE), `_ppo_update` (several epochs of
    clipped minibatch updates) and `_log_step` (metrics and sample tables), with an atomic
-   checkpoint (`app.ml.checkpoint`) every `checkpoint_every` steps and on cancel.
+   checkpoint (`app.ml.checkpoint`) every `checkpoint_every` steps or `checkpoint_every_s`
+   seconds, whichever comes first, and on cancel.
+5. Under torchrun (`ranks`, `app.ml.distributed`): each rank rolls out its shard of the
+   prompts, the shards are gathered (`_gather_shards`) so the rewards, whitening, GAE and the
+   KL controller see the global batch, and the update splits each micro-batch across the
+   ranks (`_my_part`) through one DDP over policy and value model (`_PolicyAndValue`).
 
 What PPO shares with DPO and evaluation lives elsewhere: prompt encoding, the sampler, the
 log-probability forward pass, LoRA and saving the policy in `app.ml.policy`; the reward model,
@@ -54,7 +59,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from app.kinds.ppo import PPOConfig
-from app.ml.checkpoint import TrainCheckpoint, seed_everything
+from app.ml.checkpoint import CheckpointSchedule, TrainCheckpoint, seed_everything
+from app.ml.distributed import Ranks
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.loading import dtype_for, load_tokenizer, pick_device
 from app.ml.policy import (
@@ -94,6 +100,7 @@ CHECKPOINT_FILE = "ppo_checkpoint.pt"
 _RESUMABLE_FIELDS = {
     "total_steps",
     "checkpoint_every",
+    "checkpoint_every_s",
     "sample_every",
     "num_sample_rows",
     "reuse_rollout_values",
@@ -404,6 +411,94 @@ def _rollout_values(
     return values, kept
 
 
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of `rank` at `step` under DDP: independent streams, replayable."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def _gather_shards(ranks: Ranks, pad_id: int, **part: Any) -> dict[str, Any]:
+    """The ranks' rollout shards as the one global batch, in rank (= prompt) order, everywhere.
+
+    Prompt ids and mask are left-padded, the per-token tensors right-padded to the widest
+    shard: the layout one process gives the whole batch (`left_pad`, `_pad_right`), so the
+    rewards, whitening and GAE that follow compute exactly what one process computes from
+    the same rollout. `mask` comes as integers (gathered and padded), and goes back as bools.
+    """
+    device = part["query_ids"].device
+    local = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+    parts = ranks.gather(local)
+    context = max(p["query_ids"].shape[1] for p in parts)
+    width = max(p["responses"].shape[1] for p in parts)
+
+    def left(name: str, value: int) -> torch.Tensor:
+        padded = [F.pad(p[name], (context - p[name].shape[1], 0), value=value) for p in parts]
+        return torch.cat(padded).to(device)
+
+    def right(name: str, value: float | int) -> torch.Tensor:
+        return _pad_right([p[name] for p in parts], value, width).to(device)
+
+    return {
+        "query_ids": left("query_ids", pad_id),
+        "query_mask": left("query_mask", 0),
+        "responses": right("responses", pad_id),
+        "mask": right("mask", 0).bool(),
+        **{name: right(name, 0.0) for name in ("logprobs", "ref_logprobs", "values")},
+        "raw_scores": torch.cat([p["raw_scores"] for p in parts]).to(device),
+        "texts": [text for p in parts for text in p["texts"]],
+    }
+
+
+def _my_part(run: _Run, idx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This rank's contiguous part of the micro-batch `idx` (rows of the rollout), and its
+    share of the micro-batch's real tokens: the weight of its token means (policy and value
+    loss, diagnostics), which then sum over the ranks to the micro-batch's own means.
+
+    One process: all of it, share 1. A rank whose part is empty (a micro-batch smaller than
+    the world) runs one row at share 0, because every rank joins each DDP all-reduce."""
+    if run.ranks is None:
+        return idx, 1.0
+    rows = run.ranks.shard(range(len(idx)))
+    if not rows:
+        return idx[:1], 0.0
+    part = idx[rows[0] : rows[-1] + 1]
+    return part, float(mask[part].sum()) / max(float(mask[idx].sum()), 1.0)
+
+
+def _grad_of(weight: torch.Tensor) -> torch.Tensor:
+    if weight.grad is None:  # not reached by this rank's backward: it contributes zeros
+        weight.grad = torch.zeros_like(weight)
+    return weight.grad
+
+
+class _PolicyAndValue(nn.Module):
+    """The update's forward of both trained models as one module, for one DDP wrapper: the
+    policy's log-probabilities (and entropy) of the response tokens, the value model's values.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.policy, self.value_model, self.temperature = policy, value_model, temperature
+
+    def forward(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logprobs, entropy = forward_logprobs(
+            self.policy, ids, attention_mask, context_length, self.temperature, with_entropy=True
+        )
+        values = token_values(self.value_model, ids, attention_mask)
+        return logprobs, entropy, values[:, context_length - 1 : -1]
+
+
+def _wrap_for_update(run: _Run, ranks: Ranks) -> nn.Module:
+    """Policy and value model under one DDP. The vocabulary matrices are left out of it: their
+    gradients are added in place (`app.ml.vocab_grads`), never through the autograd hooks DDP
+    reduces with, so `_ppo_update` averages them itself before each optimizer step."""
+    module = _PolicyAndValue(run.policy, run.value_model, run.config.temperature)
+    vocab = {id(w) for w in vocab_matrices(run.policy, run.value_model)}
+    ignore = [name for name, p in module.named_parameters() if id(p) in vocab]
+    return ranks.wrap(module, ignore)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Training: setup, then per step rollout, update, logging and checkpoints
 # --------------------------------------------------------------------------------------------
@@ -431,6 +526,9 @@ class _Run:
     prompt_order: list[int] = field(default_factory=list)  # what is left of the prompt epoch
     history: list[dict[str, float]] = field(default_factory=list)
     samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # Under torchrun: this process's rank, and the DDP wrapper the update's forward runs through.
+    ranks: Ranks | None = None
+    trained: nn.Module | None = None
 
     @property
     def eos_id(self) -> int:
@@ -508,6 +606,7 @@ def train_ppo(
     hooks: Hooks | None = None,
     resume: bool = True,
     on_samples: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> PPOResult:
     """Fine-tune the policy in `policy_dir` with PPO; write it to `output_dir` in HF format.
 
@@ -519,25 +618,56 @@ def train_ppo(
     steps the run checkpoints and raises `Cancelled`; with `resume=True` a later call continues
     from the latest checkpoint in `checkpoint_dir` and ends exactly where an uninterrupted run
     would have.
+
+    Under torchrun, `ranks` (`app.ml.distributed`) trains under DDP: `batch_size` stays the
+    global batch of prompts; each rank samples, scores and values its shard of them, the shards
+    are gathered so that rewards, whitening, GAE, the KL controller and the minibatch order see
+    the whole batch on every rank, and each micro-batch of the update is split across the ranks
+    (`_my_part`). Rank 0 reports, checkpoints and saves.
     """
     hooks = hooks or NullHooks()
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
     prompt_messages = [as_messages(p) for p in prompts]
     if not prompt_messages:
         raise ValueError("no prompts")
-    run = _setup(config, policy_dir, reward)
+    if ranks is not None and config.batch_size < ranks.world_size:
+        raise ValueError(f"batch_size {config.batch_size} < {ranks.world_size} processes")
+    run = _setup(config, policy_dir, reward, ranks)
     checkpoint = run.checkpoint(checkpoint_dir / CHECKPOINT_FILE)
     start_step = 0
     if resume and (resumed := checkpoint.load()) is not None:
         start_step, own_state = resumed
         run.load_own_state(own_state)
+        hooks.progress(
+            start_step, config.total_steps, f"resumed from the checkpoint at step {start_step}"
+        )
 
+    if ranks is not None:
+        run.trained = _wrap_for_update(run, ranks)
     last_saved = start_step
+    schedule = CheckpointSchedule(
+        config.checkpoint_every,
+        config.checkpoint_every_s,
+        device=ranks.device if ranks is not None else None,
+    )
+
+    def save_checkpoint(step: int) -> None:
+        if ranks is None or ranks.is_main:
+            checkpoint.save(step, run.own_state())
+        if ranks is not None:
+            ranks.barrier()  # nobody moves on (or exits) before rank 0's file is whole
+        schedule.saved()
+
     for step in range(start_step, config.total_steps):
-        if hooks.should_stop():
+        if hooks.should_stop() if ranks is None else ranks.should_stop(hooks):
             if last_saved != step:
-                checkpoint.save(step, run.own_state())
+                save_checkpoint(step)
             raise Cancelled(f"PPO cancelled before step {step + 1}")
+        if ranks is not None:
+            # Each rank its own sampling stream, a function of (seed, step, rank): the ranks
+            # draw independently, and a resumed run replays them (the checkpoint holds only
+            # rank 0's generator).
+            run.sample_gen.manual_seed(_rank_seed(config.seed, step, ranks.rank))
         rollout_start = time.perf_counter()
         indices = _next_prompt_indices(run, len(prompt_messages))
         rollout = _rollout(run, [prompt_messages[i] for i in indices])
@@ -549,8 +679,8 @@ def train_ppo(
         }
         done = step + 1
         metrics = _log_step(run, rollout, {**stats, **timings}, done, hooks, on_samples)
-        if done % config.checkpoint_every == 0 or done == config.total_steps:
-            checkpoint.save(done, run.own_state())
+        if done == config.total_steps or schedule.due(done):
+            save_checkpoint(done)
             last_saved = done
         hooks.progress(
             done,
@@ -561,15 +691,22 @@ def train_ppo(
 
     final_metrics = run.history[-1] if run.history else {}
     info = {"algorithm": "ppo", "config": config.to_dict(), "metrics": final_metrics}
-    save_policy(run.policy, run.tokenizer, output_dir, info)
+    if ranks is None or ranks.is_main:
+        save_policy(run.policy, run.tokenizer, output_dir, info)
     return PPOResult(output_dir, config.total_steps, final_metrics, run.history, run.samples)
 
 
-def _setup(config: PPOConfig, policy_dir: str | Path, reward: str | Path | ScoreFn) -> _Run:
+def _setup(
+    config: PPOConfig,
+    policy_dir: str | Path,
+    reward: str | Path | ScoreFn,
+    ranks: Ranks | None = None,
+) -> _Run:
     """Seed everything, then build the roles (policy, reference, value model, reward), the
     optimizer and the KL controller. The order is part of the seeding: the value model's new
-    head and the LoRA matrices draw from the global generator in this order."""
-    device = pick_device(config.device)
+    head and the LoRA matrices draw from the global generator in this order (the same on every
+    rank: DDP's start-up broadcast of rank 0's weights then changes nothing)."""
+    device = ranks.device if ranks is not None else pick_device(config.device)
     dtype = dtype_for(device, config.dtype)
 
     # ---- Seeding: everything random below draws from these, so a resumed run can replay it.
@@ -623,7 +760,7 @@ def _setup(config: PPOConfig, policy_dir: str | Path, reward: str | Path | Score
         ref_context=ref_context, merged_sampler=merged_sampler, value_model=value_model,
         reward=scorer, params=params,
         optimizer=make_adamw(params, config.effective_learning_rate(), config.adam_eps),
-        kl_ctl=kl_ctl, sample_gen=sample_gen, shuffle_gen=shuffle_gen,
+        kl_ctl=kl_ctl, sample_gen=sample_gen, shuffle_gen=shuffle_gen, ranks=ranks,
     )  # fmt: skip
 
 
@@ -666,9 +803,14 @@ def _next_prompt_indices(run: _Run, num_prompts: int) -> list[int]:
 
 def _rollout(run: _Run, batch_messages: list[Messages]) -> _Rollout:
     """Sample a response to each prompt, score it, and turn the scores into per-token rewards
-    and whitened advantages. No gradients, except the value graphs kept for the update."""
-    config, device, eos_id = run.config, run.device, run.eos_id
-    queries = encode_prompts(run.tokenizer, batch_messages, config.max_prompt_length)
+    and whitened advantages. No gradients, except the value graphs kept for the update.
+
+    Under DDP this rank samples, scores and values only its shard of `batch_messages`; the
+    shards are then gathered (`_gather_shards`), so what follows sees the global batch laid out
+    as one process lays it out, on every rank."""
+    config, device, eos_id, ranks = run.config, run.device, run.eos_id, run.ranks
+    mine = batch_messages if ranks is None else ranks.shard(batch_messages)
+    queries = encode_prompts(run.tokenizer, mine, config.max_prompt_length)
     query_ids, query_mask = left_pad(queries, run.pad_id, device)
     context_length = query_ids.shape[1]
     with torch.no_grad():
@@ -678,14 +820,35 @@ def _rollout(run: _Run, batch_messages: list[Messages]) -> _Rollout:
         ref_logprobs = _reference_logprobs(run, query_responses, attention_mask, mask)
         # The first epoch's order is drawn now: its first minibatch may train on these values.
         first_order = torch.randperm(config.batch_size, generator=run.shuffle_gen).to(device)
-        values, kept_values = _rollout_values(
-            config, run.value_model, query_responses, attention_mask, context_length, first_order
-        )
+        if ranks is None:
+            values, kept_values = _rollout_values(
+                config, run.value_model, query_responses, attention_mask, context_length,
+                first_order,
+            )  # fmt: skip
+        else:
+            # No graphs to keep: under DDP the update's forward runs through `run.trained`.
+            values, kept_values = _rollout_values(
+                config.model_copy(update={"reuse_rollout_values": False}), run.value_model,
+                query_responses, attention_mask, context_length,
+                torch.arange(len(mine), device=device),
+            )  # fmt: skip
+        token_lists, texts = response_texts(run.tokenizer, responses, mask)
+        raw_scores = reward_scores(run.reward, mine, texts, token_lists, device)
+        if ranks is not None:
+            parts = _gather_shards(
+                ranks, run.pad_id, query_ids=query_ids, query_mask=query_mask,
+                responses=responses, mask=mask.long(), logprobs=logprobs,
+                ref_logprobs=ref_logprobs, values=values, raw_scores=raw_scores, texts=texts,
+            )  # fmt: skip
+            query_ids, responses, mask = parts["query_ids"], parts["responses"], parts["mask"]
+            logprobs, ref_logprobs = parts["logprobs"], parts["ref_logprobs"]
+            values, raw_scores, texts = parts["values"], parts["raw_scores"], parts["texts"]
+            context_length = query_ids.shape[1]
+            query_responses = torch.cat([query_ids, responses], dim=1)
+            attention_mask = torch.cat([parts["query_mask"], mask.long()], dim=1)
 
         lengths = mask.sum(1)
         has_eos = ((responses == eos_id) & mask).any(1)
-        token_lists, texts = response_texts(run.tokenizer, responses, mask)
-        raw_scores = reward_scores(run.reward, batch_messages, texts, token_lists, device)
         scores = raw_scores
         if config.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
@@ -716,7 +879,7 @@ def _sample(
     config, eos_id, pad_id = run.config, run.eos_id, run.pad_id
     sampler = run.policy if run.merged_sampler is None else run.merged_sampler.sync()
     chunks, sampled_logprobs = [], []
-    for sl in _chunks(config.batch_size, config.rollout_forward_batch_size):
+    for sl in _chunks(query_ids.shape[0], config.rollout_forward_batch_size):
         out, out_logprobs = sample_responses(
             sampler,
             query_ids[sl],
@@ -739,7 +902,7 @@ def _reference_logprobs(
     """log pi_ref of the response tokens, chunk by chunk, each chunk trimmed of its padding."""
     context_length = query_responses.shape[1] - mask.shape[1]
     ref_l = []
-    for sl in _chunks(run.config.batch_size, run.config.rollout_forward_batch_size):
+    for sl in _chunks(query_responses.shape[0], run.config.rollout_forward_batch_size):
         ids, att, ctx, _ = trim_padding(query_responses[sl], attention_mask[sl], context_length)
         with run.ref_context():
             ref_lp, _ = forward_logprobs(run.ref_model, ids, att, ctx, run.config.temperature)
@@ -753,8 +916,13 @@ def _ppo_update(run: _Run, rollout: _Rollout) -> dict[str, float]:
     Epoch one takes the rollout's `first_order`; its first minibatch trains on the rollout's
     `kept_values` (the value estimates with their graphs, see `_rollout_values`), consumed, and
     so released, as they are trained on.
+
+    Under DDP each rank runs its part of every micro-batch (`_my_part`) through `run.trained`;
+    its losses and diagnostics are weighted by its share of the micro-batch's tokens, so DDP's
+    gradient average and the summed diagnostics are one process's.
     """
     config, policy, value_model, params = run.config, run.policy, run.value_model, run.params
+    ranks, trained = run.ranks, run.trained
     first_order, kept_values = rollout.first_order, rollout.kept_values
     batch = rollout.query_responses.shape[0]
     micro = config.mini_batch_size // config.gradient_accumulation_steps
@@ -772,18 +940,21 @@ def _ppo_update(run: _Run, rollout: _Rollout) -> dict[str, float]:
             minibatch = order[mb_start : mb_start + config.mini_batch_size]
             zero_grad(params, keep=vocab)
             for n, mc_start in enumerate(range(0, len(minibatch), micro)):
-                idx = minibatch[mc_start : mc_start + micro]
+                idx, share = _my_part(run, minibatch[mc_start : mc_start + micro], rollout.mask)
                 ids, att, ctx, length = trim_padding(
                     rollout.query_responses[idx], rollout.attention_mask[idx], context_length
                 )
                 mask = rollout.mask[idx, :length]
-                new_logprobs, entropy = forward_logprobs(
-                    policy, ids, att, ctx, config.temperature, with_entropy=True
-                )
-                if epoch == 0 and mb_start == 0 and n in kept_values:
-                    new_values = kept_values.pop(n)
+                if trained is not None:  # both models in one DDP forward (`_PolicyAndValue`)
+                    new_logprobs, entropy, new_values = trained(ids, att, ctx)
                 else:
-                    new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
+                    new_logprobs, entropy = forward_logprobs(
+                        policy, ids, att, ctx, config.temperature, with_entropy=True
+                    )
+                    if epoch == 0 and mb_start == 0 and n in kept_values:
+                        new_values = kept_values.pop(n)
+                    else:
+                        new_values = token_values(value_model, ids, att)[:, ctx - 1 : -1]
                 pg_loss, pg_stats = policy_loss(
                     new_logprobs,
                     rollout.logprobs[idx, :length],
@@ -799,6 +970,8 @@ def _ppo_update(run: _Run, rollout: _Rollout) -> dict[str, float]:
                     config.cliprange_value,
                 )
                 loss = (pg_loss + config.vf_coef * vf_loss) / config.gradient_accumulation_steps
+                if ranks is not None:  # DDP averages the ranks' gradients: undo the 1/world
+                    loss = loss * (share * ranks.world_size)
                 loss.backward()
                 assert entropy is not None
                 step_stats = {
@@ -811,11 +984,15 @@ def _ppo_update(run: _Run, rollout: _Rollout) -> dict[str, float]:
                     "val/clipfrac": float(vf_clipfrac),
                 }
                 for k, v in step_stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
+                    totals[k] = totals.get(k, 0.0) + v * share
                 count += 1
+            if ranks is not None:  # their gradients bypass autograd, and so DDP's all-reduce
+                ranks.average([_grad_of(w) for w in vocab])
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             run.optimizer.step()
     kept_values.clear()  # whatever the update did not consume (nothing, normally)
+    if ranks is not None:  # each micro-batch's diagnostics: the sum of the ranks' shares
+        totals = ranks.sum(totals)
     out = {k: v / max(count, 1) for k, v in totals.items()}
     for k, v in out.items():
         if not math.isfinite(v):

@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForSequenceClassification
 
+from app.kinds.ppo import PPORunConfig
 from app.ml import dpo
 from app.ml.distributed import launch, shard
 from app.ml.hooks import Cancelled, RecordingHooks
@@ -208,17 +209,20 @@ def test_a_failing_rank_fails_the_launch_with_its_error(backbone: Path, tmp_path
 # --- the knob -----------------------------------------------------------------------------------
 
 
-def test_num_processes_is_refused_for_ppo_and_taken_for_reward_and_dpo(
+def test_num_processes_is_taken_for_every_trainer_and_bounded_by_the_ppo_batch(
     client: TestClient, factory: Factory
 ) -> None:
     project = factory.project("ddp-knob", base_policy="/models/base")
     admin = bearer(factory.token(factory.user("admin")))
     url = f"/api/v1/projects/{project.slug}/runs"
-    ppo = client.post(url, json={"kind": "ppo", "config": {"num_processes": 2}}, headers=admin)
+    # PPO: every process samples at least one prompt of each step's batch.
+    config = {"num_processes": 3, "batch_size": 2, "mini_batch_size": 2}
+    ppo = client.post(url, json={"kind": "ppo", "config": config}, headers=admin)
     assert ppo.status_code == 422, ppo.text
     (error,) = ppo.json()["errors"]
     assert error["field"] == "config.num_processes"
-    assert "multi-process PPO is not implemented yet" in error["message"]
+    assert "num_processes 3 exceeds batch_size 2" in error["message"]
+    assert PPORunConfig(num_processes=2).num_processes == 2
     too_few = client.post(url, json={"kind": "dpo", "config": {"num_processes": 0}}, headers=admin)
     assert too_few.status_code == 422
     assert too_few.json()["errors"][0]["field"] == "config.num_processes"

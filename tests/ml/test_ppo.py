@@ -508,7 +508,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     resumed = ppo.train_ppo(
         config, policy_dir, count_rewarded, PROMPTS, tmp_path / "b", tmp_path / "cb", hooks
     )
-    assert [c[0] for c in hooks.progress_calls] == [2, 3]
+    assert [c[0] for c in hooks.progress_calls] == [1, 2, 3]
+    assert hooks.progress_calls[0][2] == "resumed from the checkpoint at step 1"
     for a, b in zip(full.history, resumed.history, strict=True):
         assert set(a) == set(b)
         same = [k for k in a if not k.startswith("time/")]  # wall-clock seconds differ
