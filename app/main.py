@@ -65,6 +65,11 @@ UNSTORABLE = InvalidInput(
     [FieldError(None, None, "contains a NUL character")],
 )
 
+TOO_LONG = InvalidInput(
+    "a value is longer than its field allows",
+    [FieldError(None, None, "longer than the field allows")],
+)
+
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
@@ -150,11 +155,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(DataError)
     async def unstorable_text(request: Request, exc: DataError) -> Response:
-        # The last line of the input rules: a query parameter (or any text a route did not
-        # check) with a NUL, which PostgreSQL refuses. The transaction is rolled back.
-        if "NUL" not in str(exc.orig):
-            raise exc
-        return await service_error(request, UNSTORABLE)
+        # The last line of the input rules: a value no route checked (a query parameter with
+        # a NUL, a text longer than its column) that PostgreSQL refused. Rolled back.
+        reason = str(exc.orig)
+        if "NUL" in reason:
+            return await service_error(request, UNSTORABLE)
+        if "value too long" in reason:
+            return await service_error(request, TOO_LONG)
+        raise exc
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

@@ -117,6 +117,19 @@ def _validated_settings(data: dict[str, Any]) -> ProjectSettings:
         raise InvalidInput("invalid project settings", errors) from exc
 
 
+MAX_NAME = 200  # projects.name is a VARCHAR(200)
+
+
+def _check_name(name: str) -> None:
+    if not name.strip():
+        raise InvalidInput("a project needs a name", [FieldError(None, "name", "empty")])
+    if len(name.strip()) > MAX_NAME:
+        raise InvalidInput(
+            f"the name is longer than {MAX_NAME} characters",
+            [FieldError(None, "name", f"longer than {MAX_NAME} characters")],
+        )
+
+
 def create_project(
     session: Session,
     slug: str,
@@ -132,8 +145,7 @@ def create_project(
             f"slug {slug!r} must be 1-64 lowercase letters, digits or dashes,"
             " not starting or ending with a dash"
         )
-    if not name.strip():
-        raise InvalidInput("a project needs a name")
+    _check_name(name)
     validated = _validated_settings(settings or {})
     project = Project(
         slug=slug,
@@ -179,8 +191,7 @@ def update_project(
 ) -> Project:
     """Change name, guidelines or settings (a partial settings dict is merged over the current)."""
     if name is not None:
-        if not name.strip():
-            raise InvalidInput("a project needs a name")
+        _check_name(name)
         project.name = name.strip()
     if guidelines is not None:
         project.guidelines = guidelines

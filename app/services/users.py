@@ -35,6 +35,8 @@ def create_user(
         _refuse("role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if "@" not in email:
         _refuse("email", f"{email!r} is not an email address")
+    if len(email) > MAX_EMAIL:
+        _refuse("email", f"longer than {MAX_EMAIL} characters")
     _check_password(password)
     user = User(email=email, password_hash=security.hash_password(password), role=role)
     try:
@@ -111,6 +113,8 @@ class IssuedToken:
 
 
 TOKEN_DAYS_MAX = 3650
+MAX_TOKEN_NAME = 200  # api_tokens.name is a VARCHAR(200)
+MAX_EMAIL = 320  # users.email is a VARCHAR(320) (RFC 5321's limit)
 SCOPE_RANK = {scope: rank for rank, scope in enumerate(TOKEN_SCOPES)}
 # The widest scope each role may give a token. A rater's role allows reading and rating and
 # nothing more, so "admin" (everything the role allows) would claim what the role does not
@@ -154,6 +158,8 @@ def create_token(
     errors: list[FieldError] = []
     if not name:
         errors.append(FieldError(None, "name", "a token needs a name"))
+    elif len(name) > MAX_TOKEN_NAME:
+        errors.append(FieldError(None, "name", f"longer than {MAX_TOKEN_NAME} characters"))
     scope = (scope or "").strip() or MAX_SCOPE[user.role]
     if scope not in TOKEN_SCOPES:
         errors.append(FieldError(None, "scope", f"scope must be one of {', '.join(TOKEN_SCOPES)}"))

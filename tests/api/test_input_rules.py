@@ -200,3 +200,24 @@ def test_every_json_body_and_query_parameter_follows_the_rules(
     response = client.get("/api/v1/audit", params={"actor": "a\x00b"}, headers=headers)
     assert response.status_code == 422, response.text
     assert factory.count(Project) == 1
+
+
+def test_texts_longer_than_their_column_are_422s_at_their_field(
+    client: TestClient, factory: Factory, project: Project, headers: dict[str, str]
+) -> None:
+    """PostgreSQL refuses a VARCHAR(200) of 201 characters (500 before); SQLite would have
+    stored it. Each is refused at its field on both."""
+    long = "y" * 201
+    calls = [
+        ("post", "/api/v1/tokens", {"name": long}, "name"),
+        ("post", "/api/v1/projects", {"slug": "fine", "name": long}, "name"),
+        ("patch", f"/api/v1/projects/{project.slug}", {"name": long}, "name"),
+        ("post", "/api/v1/users",
+         {"email": "a" * 320 + "@example.com", "password": "correct horse battery",
+          "role": "rater"}, "email"),
+    ]  # fmt: skip
+    for method, url, body, field in calls:
+        response = client.request(method, url, json=body, headers=headers)
+        assert response.status_code == 422, (url, response.text)
+        assert [e["field"] for e in response.json()["errors"]] == [field], response.text
+    assert factory.count(Project) == 1
