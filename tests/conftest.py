@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -31,6 +32,13 @@ PG_ADMIN_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_PASSWORD = "correct horse battery"
+
+# Property tests (Hypothesis, Schemathesis) draw the same examples on every run by default, so
+# a run passes or fails for the code, not for the draw; VERDICT_HYPOTHESIS_PROFILE=explore draws
+# new ones each run (with a seed printed on failure) to look for more.
+hypothesis.settings.register_profile("repeatable", derandomize=True)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile(os.environ.get("VERDICT_HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def _unavailable(what: str, exc: Exception) -> None:
