@@ -63,6 +63,11 @@ from scripts.stack_compose import (
     with_option,
 )
 
+# The closed-loop test's project (one definition of it): tiny random models learn little, so
+# the promotion rule is opened wide and the loop must carry a candidate through every step.
+from tests.workers.test_closed_loop import N_PROMPTS
+from tests.workers.test_closed_loop import SETTINGS as PROJECT_SETTINGS
+
 MIGRATE = "migrate"
 LONG_RUNNING = ("web", "worker-gpu", "worker-cpu", "beat")
 PORTS = range(18100, 18200)
@@ -73,32 +78,6 @@ LOCK_KEY = "verdict-test-session"  # the worker tests' lock key (they claim 8-15
 READY_TIMEOUT_S = 150
 RUN_TIMEOUT_S = 180
 FINISHED = ("succeeded", "failed", "cancelled")
-
-N_PROMPTS = 12
-# The closed-loop test's project (tests/workers/test_closed_loop.py): tiny random models learn
-# little, so the promotion rule is opened wide and the loop must carry a candidate through
-# every step; the rule itself is tested in the service tests.
-PROJECT_SETTINGS: dict[str, Any] = {
-    "overlap": 1,
-    "gold_rate": 0.0,
-    "responses_per_prompt": 2,
-    "max_new_tokens": 8,
-    "auto_mode": True,
-    "reward_retrain_threshold": N_PROMPTS,
-    "min_reward_accuracy": 0.0,
-    "promote_min_score_gain": -1e9,
-    "promote_max_kl": 1e9,
-    "version_eval_rate": 1.0,
-    "heldout_fraction": 0.25,
-    "loop_ppo_config": {
-        "total_steps": 2,
-        "batch_size": 4,
-        "mini_batch_size": 2,
-        "ppo_epochs": 1,
-        "learning_rate": 1e-3,
-    },
-    "loop_evaluate_config": {"max_prompts": 3, "batch_size": 3},
-}
 
 
 class SmokeFailure(Exception):

@@ -212,13 +212,15 @@ def test_a_run_longer_than_the_visibility_timeout_runs_once(stack: Stack) -> Non
     env = {VISIBILITY_ENV: str(VISIBILITY_S), SOLE_WORKER_ENV: ""}
     try:
         workers = [_worker(stack, "tests.workers.short_visibility", n, env) for n in ("a", "b")]
-        stack.project(n_prompts=40, slug="long", max_new_tokens=32)
+        # Long enough to outlast the visibility timeout (and the redelivery's margin) on a
+        # quiet, fast machine too: 40 prompts took 3.4 s on one.
+        stack.project(n_prompts=160, slug="long", max_new_tokens=32)
         with stack.session() as s:
             project = projects.get_project(s, "long")
             run = runs.create_run(
                 s, project, "generate", {"batch_size": 2}, settings=stack.settings
             )
-        row = stack.wait_status(run.id, FINISHED, timeout=180)
+        row = stack.wait_status(run.id, FINISHED, timeout=400)
         assert row.status == "succeeded", (row.error, row.log_tail)
         assert row.started_at is not None and row.finished_at is not None
         took = (row.finished_at - row.started_at).total_seconds()

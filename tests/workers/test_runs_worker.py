@@ -94,7 +94,8 @@ def test_generation_run_stores_k_responses_per_prompt_and_pairs(live: Stack) -> 
 
 
 def test_cancel_stops_a_running_run_and_drops_a_queued_one(live: Stack) -> None:
-    live.project(n_prompts=40, slug="cancel", max_new_tokens=48)
+    # Far more than it gets through before the cancel, on a fast machine too (it is cancelled).
+    live.project(n_prompts=400, slug="cancel", max_new_tokens=48)
     first = _start(live, "cancel", {"batch_size": 2})
     second = _start(live, "cancel", {"batch_size": 2})
     wait_for(lambda: live.run_row(first.id).progress_done >= 1, 120, "the first run to progress")
