@@ -106,10 +106,15 @@ def test_an_update_in_two_processes_equals_one_process_given_the_same_rollout(
 # --- train_ppo through the launcher ---------------------------------------------------------------
 
 
+# Enough steps that a cancel sent after the first one lands before the last on a fast machine
+# (the launcher polls every 0.2 s; a tiny step takes less).
+STEPS = 6
+
+
 def ppo_kwargs(policy_dir: Path, out: Path) -> dict:
     # Adaptive beta: its state must be the same on both ranks and survive the resume.
     config = tiny_config(
-        total_steps=3, batch_size=6, mini_batch_size=3, adaptive_kl=True, target_kl=0.5,
+        total_steps=STEPS, batch_size=6, mini_batch_size=3, adaptive_kl=True, target_kl=0.5,
         kl_horizon=50, sample_every=2,
     )  # fmt: skip
     return {
@@ -139,12 +144,13 @@ def test_ppo_in_two_processes_reports_like_one_and_saves_the_policy(
     one = RecordingHooks()
     single = ppo.train_ppo(**ppo_kwargs(policy_dir, tmp_path), hooks=one)
 
-    assert result.steps == single.steps == 3
-    assert [s for s, _ in hooks.metric_calls] == [s for s, _ in one.metric_calls] == [1, 2, 3]
+    assert result.steps == single.steps == STEPS
+    assert [s for s, _ in hooks.metric_calls] == [s for s, _ in one.metric_calls]
+    assert [s for s, _ in one.metric_calls] == list(range(1, STEPS + 1))
     assert [c[:2] for c in hooks.progress_calls] == [c[:2] for c in one.progress_calls]
     assert [set(v) for _, v in hooks.metric_calls] == [set(v) for _, v in one.metric_calls]
     assert all(math.isfinite(x) for _, v in hooks.metric_calls for x in v.values())
-    assert sorted(result.samples) == sorted(single.samples) == [1, 3]
+    assert sorted(result.samples) == sorted(single.samples) == [1, 3, 5, 6]
     assert len(result.samples[1]) == 4 and all(r["response"] is not None for r in result.samples[1])
     # Beta adapted to the global batch's mean KL (one process's rule over all 6 responses).
     h = result.history
@@ -171,23 +177,25 @@ def test_a_cancel_stops_both_ranks_and_the_resume_ends_on_the_uninterrupted_curv
     assert (tmp_path / "checkpoints" / ppo.CHECKPOINT_FILE).exists()
     assert not (tmp_path / "model").exists()
     stopped_at = stopping.metric_calls[-1][0]
-    assert 1 <= stopped_at < 3
+    assert 1 <= stopped_at < STEPS
 
     resumed = RecordingHooks()
     result = launch("ppo", kwargs, 2, tmp_path / "launch", resumed, on_start=pids.append)
     assert group_gone(pids[1])
     assert resumed.progress_calls[0][2] == f"resumed from the checkpoint at step {stopped_at}"
-    assert [s for s, _ in resumed.metric_calls] == list(range(stopped_at + 1, 4))
+    assert [s for s, _ in resumed.metric_calls] == list(range(stopped_at + 1, STEPS + 1))
     # Every rank loaded rank 0's checkpoint and re-seeded its sampler from (seed, step, rank):
     # the resumed run is the uninterrupted one.
     got, want = without_times(result.history), without_times(full.history)
     for a, b in zip(got, want, strict=True):
         assert set(a) == set(b)
-        assert list(a.values()) == pytest.approx([b[k] for k in a], rel=1e-5, abs=1e-6)
+        # Float rounding only (measured 1.8e-5 relative after 6 steps): tolerance 1e-4.
+        assert list(a.values()) == pytest.approx([b[k] for k in a], rel=1e-4, abs=1e-5)
     assert result.samples == full.samples
     ma = AutoModelForCausalLM.from_pretrained(str(full.output_dir)).state_dict()
     mb = AutoModelForCausalLM.from_pretrained(str(result.output_dir)).state_dict()
-    # Not bit for bit: measured at most 2.4e-6 apart (the vocabulary matrices; the others within
-    # 4e-7), where Adam's normalisation enlarges the rounding of near-zero gradient rows.
-    for name, tensor in ma.items():
-        assert torch.allclose(tensor, mb[name], atol=1e-5), name
+    # Not bit for bit: the vocabulary matrices drift furthest (2.4e-6 after 3 steps), where
+    # Adam's normalisation enlarges the rounding of near-zero gradient rows; over 6 steps the
+    # tolerance is 1e-4, against weights that moved by 1e-2 (test above).
+    drift = {name: float((tensor - mb[name]).abs().max()) for name, tensor in ma.items()}
+    assert max(drift.values()) < 1e-4, sorted(drift.items(), key=lambda kv: -kv[1])[:3]
