@@ -168,7 +168,9 @@ def test_a_cancel_stops_both_ranks_and_the_resumed_run_ends_on_the_same_curve(
 ) -> None:
     examples = synthetic_examples(24, seed=1)
     train, val = examples[:21], examples[21:]
-    config = reward_config(backbone, epochs=3)
+    # 30 steps: enough that a stop asked for after the third lands before the last on a fast
+    # machine (the launcher polls every 0.2 s; a tiny step takes far less).
+    config = reward_config(backbone, epochs=10)
     one = RecordingHooks()
     train_reward_model(config, train, val, tmp_path / "one", None, one)
 
@@ -185,12 +187,12 @@ def test_a_cancel_stops_both_ranks_and_the_resumed_run_ends_on_the_same_curve(
     assert not (tmp_path / "two").exists()
     # Rank 0 stopped at the first step boundary after the request (it sees it within a step).
     stopped_at = len(stopping.progress_calls)
-    assert 3 <= stopped_at < 9
+    assert 3 <= stopped_at < 30
 
     resumed = RecordingHooks()
     result = launch("reward", kwargs, 2, tmp_path / "launch", resumed, on_start=pids.append)
-    assert result.steps == 9
-    assert [s for s, _ in resumed.metric_calls] == list(range(stopped_at + 1, 10))
+    assert result.steps == 30
+    assert [s for s, _ in resumed.metric_calls] == list(range(stopped_at + 1, 31))
     combined = RecordingHooks()
     combined.metric_calls = stopping.metric_calls + resumed.metric_calls
     assert_same_curves(one, combined, ["loss/train", "grad/norm", "loss/val"])
