@@ -161,7 +161,7 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from app.ml import ppo
+    from app.ml import ppo, rollout
 
     torch.set_num_threads(args.threads)
     config = ppo.PPOConfig(
@@ -186,7 +186,7 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
     clock = PhaseClock()
-    original_sample, original_update = ppo.sample_responses, ppo._ppo_update
+    original_sample, original_update = rollout.sample_responses, ppo._ppo_update
 
     def timed_sample(*a: Any, **kw: Any) -> Any:
         clock.sampling_starts()
@@ -200,7 +200,7 @@ def run_ours(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
         clock.step_ended()
         return out
 
-    ppo.sample_responses, ppo._ppo_update = timed_sample, timed_update
+    rollout.sample_responses, ppo._ppo_update = timed_sample, timed_update
     scratch = Path(tempfile.mkdtemp(dir=WORK, prefix="ours."))
     try:
         ppo.train_ppo(

@@ -5,14 +5,15 @@ and whether a crashed run can resume. The database's CHECK constraint on `runs.k
 accepted kinds and schemas, the CLI's `runs start` choices and the console's launch menu derive
 from it (`tests/unit/test_kinds.py` checks that they agree).
 
-Adding a kind (say `grpo`): an entry here, its knobs module here, its job in `app/jobs/`, its
-trainer in `app/ml/`, a migration for the CHECK constraint, and tests.
+Adding a kind (as `rloo` and `grpo` were): an entry here, its knobs module here, its job in
+`app/jobs/`, its trainer in `app/ml/`, a migration for the CHECK constraint, and tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.kinds.critic_free import GRPORunConfig, RLOORunConfig
 from app.kinds.dpo import DPORunConfig
 from app.kinds.evaluate import EvaluateRunConfig
 from app.kinds.generate import GenerateRunConfig
@@ -72,7 +73,27 @@ RUN_KINDS: dict[str, RunKind] = {
             "fine-tune the active policy against a reward model, held near it by a KL penalty",
             PPORunConfig,
             handler="app.jobs.ppo:run",
-            validate="app.services.policy_runs:validate_ppo_config",
+            validate="app.services.policy_runs:validate_rl_config",
+            resumable=True,
+        ),
+        RunKind(
+            "rloo",
+            "RLOO",
+            "fine-tune the active policy against a reward model, K answers per prompt, each"
+            " against the mean of the others (no value model)",
+            RLOORunConfig,
+            handler="app.jobs.critic_free:rloo",
+            validate="app.services.policy_runs:validate_rl_config",
+            resumable=True,
+        ),
+        RunKind(
+            "grpo",
+            "GRPO",
+            "fine-tune the active policy against a reward model, K answers per prompt,"
+            " normalised within their group (no value model)",
+            GRPORunConfig,
+            handler="app.jobs.critic_free:grpo",
+            validate="app.services.policy_runs:validate_rl_config",
             resumable=True,
         ),
         RunKind(

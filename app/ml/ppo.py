@@ -4,12 +4,11 @@ Read top to bottom, like CleanRL's `ppo.py`:
 
 1. Configuration: `PPOConfig` (defined torch-free in `app.kinds.ppo`, one field per knob with
    bounds and help), the settings a checkpoint may resume under, and `PPOResult`.
-2. Pure pieces the tests check against hand numbers: `first_eos_truncate`, the masked
-   statistics (`masked_mean`, `masked_var`, `masked_whiten`), `compute_rewards`,
-   `gae_advantages`, `policy_loss`, `value_loss` and the KL controllers.
-3. PPO's own plumbing: dropping a slice's all-padding columns (`trim_padding`), the vocabulary
-   matrices whose gradient buffers stay allocated (`vocab_matrices`), and the value model's
-   pass over a rollout (`_rollout_values`).
+2. Pure pieces the tests check against hand numbers: the masked statistics (`masked_mean`,
+   `masked_var`, `masked_whiten`), `compute_rewards`, `gae_advantages`, `policy_loss`,
+   `value_loss` and the KL controllers.
+3. PPO's own plumbing: the vocabulary matrices whose gradient buffers stay allocated
+   (`vocab_matrices`), and the value model's pass over a rollout (`_rollout_values`).
 4. `train_ppo`, in phases: `_setup` (seeding, the roles, optimizer and beta), then per step
    `_rollout` (sample, score, per-token rewards, GAE), `_ppo_update` (several epochs of
    clipped minibatch updates) and `_log_step` (metrics and sample tables), with an atomic
@@ -20,7 +19,10 @@ Read top to bottom, like CleanRL's `ppo.py`:
    KL controller see the global batch, and the update splits each micro-batch across the
    ranks (`_my_part`) through one DDP over policy and value model (`_PolicyAndValue`).
 
-What PPO shares with DPO and evaluation lives elsewhere: prompt encoding, the sampler, the
+What PPO shares with the critic-free trainers (`app.ml.critic_free`: RLOO, GRPO) is in
+`app.ml.rollout`: sampling a batch with its log-probabilities, the reference's pass, cutting at
+the first EOS, trimming a slice's padding. What it shares with DPO and evaluation lives
+elsewhere: prompt encoding, the sampler, the
 log-probability forward pass, LoRA and saving the policy in `app.ml.policy`; the reward model,
 `token_values` (a scalar head at every token: the value model's read-out) and
 `RewardModelScorer` in `app.ml.reward`; device, dtype and tokenizer in `app.ml.loading`.
@@ -47,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,9 +78,7 @@ from app.ml.policy import (
     lora_config,
     make_adamw,
     reference_policy,
-    response_mask,
     response_texts,
-    sample_responses,
     save_policy,
     unwrap_peft,
 )
@@ -88,6 +88,14 @@ from app.ml.reward import (
     load_reward_model,
     reward_scores,
     token_values,
+)
+from app.ml.rollout import (
+    chunks,
+    next_prompt_indices,
+    pad_right,
+    reference_logprobs,
+    sample_rollout,
+    trim_padding,
 )
 from app.ml.vocab_grads import plain_embedding, plain_projection, zero_grad
 
@@ -121,14 +129,6 @@ class PPOResult:
 # --------------------------------------------------------------------------------------------
 # 2. Pure pieces (tested against hand-computed values)
 # --------------------------------------------------------------------------------------------
-
-
-def first_eos_truncate(
-    responses: torch.Tensor, eos_token_id: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace every token after the first EOS by pad; return (truncated ids, real-token mask)."""
-    mask = response_mask(responses, eos_token_id)
-    return torch.where(mask, responses, torch.full_like(responses, pad_token_id)), mask
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -320,27 +320,6 @@ class AdaptiveKLController:
 # --------------------------------------------------------------------------------------------
 
 
-def trim_padding(
-    query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Drop the columns that are padding in every row of a (micro-)batch.
-
-    A rollout batch is as wide as its longest prompt plus its longest response; a slice of it
-    usually is not. Leading all-pad columns (its prompts are shorter than the batch's longest)
-    and trailing ones (all its responses ended early) are masked out of attention, and
-    positions come from the mask, so the kept columns score exactly as before while the slice
-    stops paying for its neighbours' lengths. Returns `(ids, mask, context_length,
-    response_length)` of the trimmed slice; per-token tensors keep their first
-    `response_length` columns.
-    """
-    real = attention_mask.bool().any(0)
-    first = int(real[:context_length].int().argmax())
-    # The first response token is real in every row, so the response keeps at least one column.
-    last = max(int(real.nonzero().max()) + 1, context_length + 1)
-    ids, mask = query_responses[:, first:last], attention_mask[:, first:last]
-    return ids, mask, context_length - first, last - context_length
-
-
 def vocab_matrices(*models: nn.Module) -> list[torch.Tensor]:
     """The trainable `[vocab, hidden]` weights of `models` whose gradients `vocab_grads` adds in
     place (tied matrices once): these keep their gradient buffers between steps."""
@@ -355,18 +334,6 @@ def vocab_matrices(*models: nn.Module) -> list[torch.Tensor]:
             if isinstance(weight, torch.Tensor) and weight.requires_grad:
                 found[id(weight)] = weight
     return list(found.values())
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, max(size, 1)):
-        yield slice(start, min(start + size, n))
-
-
-def _pad_right(
-    tensors: list[torch.Tensor], value: float | int, width: int | None = None
-) -> torch.Tensor:
-    width = width or max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
 
 def _rollout_values(
@@ -394,7 +361,7 @@ def _rollout_values(
     if config.reuse_rollout_values:
         micro = config.mini_batch_size // config.gradient_accumulation_steps
         head, rest = first_order[: config.mini_batch_size], first_order[config.mini_batch_size :]
-        for n, sl in enumerate(_chunks(len(head), micro)):
+        for n, sl in enumerate(chunks(len(head), micro)):
             idx = head[sl]
             ids, att, ctx, length = trim_padding(
                 query_responses[idx], attention_mask[idx], context_length
@@ -402,7 +369,7 @@ def _rollout_values(
             with torch.enable_grad():
                 kept[n] = token_values(value_model, ids, att)[:, ctx - 1 : -1]
             values[idx, :length] = kept[n].detach()
-    for sl in _chunks(len(rest), config.rollout_forward_batch_size):
+    for sl in chunks(len(rest), config.rollout_forward_batch_size):
         idx = rest[sl]
         ids, att, ctx, length = trim_padding(
             query_responses[idx], attention_mask[idx], context_length
@@ -420,7 +387,7 @@ def _gather_shards(ranks: Ranks, pad_id: int, **part: Any) -> dict[str, Any]:
     """The ranks' rollout shards as the one global batch, in rank (= prompt) order, everywhere.
 
     Prompt ids and mask are left-padded, the per-token tensors right-padded to the widest
-    shard: the layout one process gives the whole batch (`left_pad`, `_pad_right`), so the
+    shard: the layout one process gives the whole batch (`left_pad`, `pad_right`), so the
     rewards, whitening and GAE that follow compute exactly what one process computes from
     the same rollout. `mask` comes as integers (gathered and padded), and goes back as bools.
     """
@@ -435,7 +402,7 @@ def _gather_shards(ranks: Ranks, pad_id: int, **part: Any) -> dict[str, Any]:
         return torch.cat(padded).to(device)
 
     def right(name: str, value: float | int) -> torch.Tensor:
-        return _pad_right([p[name] for p in parts], value, width).to(device)
+        return pad_right([p[name] for p in parts], value, width).to(device)
 
     return {
         "query_ids": left("query_ids", pad_id),
@@ -669,7 +636,9 @@ def train_ppo(
             # rank 0's generator).
             run.sample_gen.manual_seed(_rank_seed(config.seed, step, ranks.rank))
         rollout_start = time.perf_counter()
-        indices = _next_prompt_indices(run, len(prompt_messages))
+        indices = next_prompt_indices(
+            run.prompt_order, len(prompt_messages), config.batch_size, run.shuffle_gen
+        )
         rollout = _rollout(run, [prompt_messages[i] for i in indices])
         update_start = time.perf_counter()
         stats = _ppo_update(run, rollout)
@@ -790,17 +759,6 @@ def _reward_model_scorer(
     )
 
 
-def _next_prompt_indices(run: _Run, num_prompts: int) -> list[int]:
-    """The next batch of prompt indices, walking shuffled epochs so every prompt gets its turn."""
-    chosen: list[int] = []
-    while len(chosen) < run.config.batch_size:
-        if not run.prompt_order:
-            perm = torch.randperm(num_prompts, generator=run.shuffle_gen)
-            run.prompt_order.extend(perm.tolist())
-        chosen.append(run.prompt_order.pop(0))
-    return chosen
-
-
 def _rollout(run: _Run, batch_messages: list[Messages]) -> _Rollout:
     """Sample a response to each prompt, score it, and turn the scores into per-token rewards
     and whitened advantages. No gradients, except the value graphs kept for the update.
@@ -814,10 +772,10 @@ def _rollout(run: _Run, batch_messages: list[Messages]) -> _Rollout:
     query_ids, query_mask = left_pad(queries, run.pad_id, device)
     context_length = query_ids.shape[1]
     with torch.no_grad():
-        responses, mask, logprobs = _sample(run, query_ids, query_mask)
+        responses, mask, logprobs = sample_rollout(run, query_ids, query_mask)
         query_responses = torch.cat([query_ids, responses], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-        ref_logprobs = _reference_logprobs(run, query_responses, attention_mask, mask)
+        ref_logprobs = reference_logprobs(run, query_responses, attention_mask, mask)
         # The first epoch's order is drawn now: its first minibatch may train on these values.
         first_order = torch.randperm(config.batch_size, generator=run.shuffle_gen).to(device)
         if ranks is None:
@@ -866,48 +824,6 @@ def _rollout(run: _Run, batch_messages: list[Messages]) -> _Rollout:
         kept_values=kept_values, messages=batch_messages, texts=texts, raw_scores=raw_scores,
         scores=scores, non_score=non_score, kl=kl, beta=beta, lengths=lengths, has_eos=has_eos,
     )  # fmt: skip
-
-
-def _sample(
-    run: _Run, query_ids: torch.Tensor, query_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample the responses in chunks; return (responses, mask, log pi_old).
-
-    The sampler's log-probabilities are pi_old: the same network (with LoRA, its merged copy)
-    and temperature as the training forward (tests check they agree), so no extra policy pass
-    is needed."""
-    config, eos_id, pad_id = run.config, run.eos_id, run.pad_id
-    sampler = run.policy if run.merged_sampler is None else run.merged_sampler.sync()
-    chunks, sampled_logprobs = [], []
-    for sl in _chunks(query_ids.shape[0], config.rollout_forward_batch_size):
-        out, out_logprobs = sample_responses(
-            sampler,
-            query_ids[sl],
-            query_mask[sl],
-            config.max_new_tokens,
-            config.temperature,
-            eos_id,
-            pad_id,
-            run.sample_gen,
-        )
-        chunks.append(out)
-        sampled_logprobs.append(out_logprobs)
-    responses, mask = first_eos_truncate(_pad_right(chunks, pad_id), eos_id, pad_id)
-    return responses, mask, _pad_right(sampled_logprobs, 0.0) * mask
-
-
-def _reference_logprobs(
-    run: _Run, query_responses: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """log pi_ref of the response tokens, chunk by chunk, each chunk trimmed of its padding."""
-    context_length = query_responses.shape[1] - mask.shape[1]
-    ref_l = []
-    for sl in _chunks(query_responses.shape[0], run.config.rollout_forward_batch_size):
-        ids, att, ctx, _ = trim_padding(query_responses[sl], attention_mask[sl], context_length)
-        with run.ref_context():
-            ref_lp, _ = forward_logprobs(run.ref_model, ids, att, ctx, run.config.temperature)
-        ref_l.append(ref_lp)
-    return _pad_right(ref_l, 0.0, mask.shape[1]) * mask
 
 
 def _ppo_update(run: _Run, rollout: _Rollout) -> dict[str, float]:

@@ -203,7 +203,7 @@ def test_unknown_or_unlaunchable_kind_is_a_404_page(
 ) -> None:
     admin = browser_for(seeded.admin)
     base = f"/admin/projects/{seeded.project.slug}/training/new"
-    for kind in ("score", "grpo"):
+    for kind in ("score", "reinforce"):
         page = admin.get(f"{base}/{kind}")
         assert page.status_code == 404 and "Page not found" in page.text
         assert admin.post(f"{base}/{kind}", {"epochs": "1"}).status_code == 404

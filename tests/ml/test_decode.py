@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from app.ml import ppo
+from app.ml import policy
 from app.ml.decode import LlamaDecoder
 from app.ml.policy import position_ids_from_mask
 
@@ -124,7 +124,7 @@ def test_sampling_draws_the_same_tokens_with_and_without_the_decoder(
 
     def sample() -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(3)
-        return ppo.sample_responses(model, ids, mask, 8, 0.7, 1, 0, generator)
+        return policy.sample_responses(model, ids, mask, 8, 0.7, 1, 0, generator)
 
     fast_tokens, fast_logprobs = sample()
     monkeypatch.setattr(LlamaDecoder, "supports", staticmethod(lambda model: False))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
-from app.ml import ppo
+from app.ml import ppo, rollout
 from app.ml.decode import LlamaDecoder
 from app.ml.generation import MIN_SHARED_PREFIX, _shared_prefix_length
 from app.ml.hooks import Cancelled, RecordingHooks
@@ -87,19 +87,19 @@ def test_response_mask_ends_at_first_eos_when_pad_equals_eos() -> None:
     # pad == EOS: rows are right-padded with EOS after the real end; row 2 has a second EOS
     # later on and row 3 never ends.
     responses = torch.tensor([[5, 7, E, E, E], [5, E, 3, E, E], [4, 4, 4, 4, 4]])
-    mask = ppo.response_mask(responses, E)
+    mask = rollout.response_mask(responses, E)
     assert mask.tolist() == [
         [True, True, True, False, False],
         [True, True, False, False, False],
         [True, True, True, True, True],
     ]
-    truncated, mask2 = ppo.first_eos_truncate(responses, E, pad_token_id=P)
+    truncated, mask2 = rollout.first_eos_truncate(responses, E, pad_token_id=P)
     assert torch.equal(mask, mask2)
     assert truncated.tolist() == [[5, 7, E, P, P], [5, E, P, P, P], [4, 4, 4, 4, 4]]
 
 
 def test_response_mask_eos_first_token() -> None:
-    mask = ppo.response_mask(torch.tensor([[E, 3, 4]]), E)
+    mask = rollout.response_mask(torch.tensor([[E, 3, 4]]), E)
     assert mask.tolist() == [[True, False, False]]
 
 
@@ -130,7 +130,7 @@ def test_score_placement_with_pad_equal_to_eos() -> None:
     # The sampler pads finished rows with pad == EOS; the score must land on the FIRST EOS
     # (the response's last real token), not on the last EOS-valued column.
     responses = torch.tensor([[5, E, E, E], [5, 6, 7, E]])
-    _, mask = ppo.first_eos_truncate(responses, E, pad_token_id=E)
+    _, mask = rollout.first_eos_truncate(responses, E, pad_token_id=E)
     lp = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])
     ref = torch.tensor([[-2.0, -2.0, -2.0, -2.0], [-1.0, -1.0, -1.0, -1.5]])
     rewards, _, kl = ppo.compute_rewards(torch.tensor([1.0, 2.0]), lp, ref, mask, beta=0.5)
@@ -269,10 +269,10 @@ def test_sampler_logprobs_match_training_forward_with_left_padding(
     assert (_shared_prefix_length(queries) >= MIN_SHARED_PREFIX) == system
     ids, qmask = ppo.left_pad(queries, tok.pad_token_id, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
-    raw, sampled_lp = ppo.sample_responses(
+    raw, sampled_lp = rollout.sample_responses(
         model, ids, qmask, 8, 0.7, tok.eos_token_id, tok.pad_token_id, gen
     )
-    responses, mask = ppo.first_eos_truncate(raw, tok.eos_token_id, tok.pad_token_id)
+    responses, mask = rollout.first_eos_truncate(raw, tok.eos_token_id, tok.pad_token_id)
     full = torch.cat([ids, responses], 1)
     attention = torch.cat([qmask, mask.long()], 1)
     lp, entropy = ppo.forward_logprobs(model, full, attention, ids.shape[1], 0.7, True)
@@ -293,20 +293,20 @@ def test_trimmed_slice_scores_exactly_like_the_full_width_batch(tmp_path: Path) 
     eos = tok.eos_token_id
     # Row 0 ends after 2 tokens, row 1 after 4, in a batch 8 response tokens wide.
     responses = torch.tensor([[5, eos] + [eos] * 6, [6, 7, 8, eos] + [eos] * 4])
-    responses, mask = ppo.first_eos_truncate(responses, eos, tok.pad_token_id)
+    responses, mask = rollout.first_eos_truncate(responses, eos, tok.pad_token_id)
     full = torch.cat([ids, responses], 1)
     attention = torch.cat([qmask, mask.long()], 1)
     ctx = ids.shape[1]
     whole, _ = ppo.forward_logprobs(model, full, attention, ctx, 0.7)
 
     # The short row alone: its prompt padding and the columns after its EOS go.
-    t_ids, t_att, t_ctx, length = ppo.trim_padding(full[:1], attention[:1], ctx)
+    t_ids, t_att, t_ctx, length = rollout.trim_padding(full[:1], attention[:1], ctx)
     assert (t_ctx, length) == (len(queries[0]), 2)
     assert t_att.all()
     alone, _ = ppo.forward_logprobs(model, t_ids, t_att, t_ctx, 0.7)
     assert torch.allclose(alone, whole[:1, :length], atol=1e-5)
     # Both rows: nothing of the prompt can go; the response keeps the longest one's length.
-    t_ids, t_att, t_ctx, length = ppo.trim_padding(full, attention, ctx)
+    t_ids, t_att, t_ctx, length = rollout.trim_padding(full, attention, ctx)
     assert (t_ctx, length, t_ids.shape[1]) == (ctx, 4, ctx + 4)
     value_model = LlamaForSequenceClassification.from_pretrained(
         str(save_tiny_reward_model(tmp_path / "rm"))
@@ -417,10 +417,10 @@ def test_merged_lora_sampler_scores_like_the_adapted_policy(tmp_path: Path) -> N
                     param.normal_(0.0, 0.5)
         merged = sampler.sync()
         gen = torch.Generator().manual_seed(seed)
-        raw, sampled_lp = ppo.sample_responses(
+        raw, sampled_lp = rollout.sample_responses(
             merged, ids, qmask, 8, 0.7, tok.eos_token_id, tok.pad_token_id, gen
         )
-        responses, mask = ppo.first_eos_truncate(raw, tok.eos_token_id, tok.pad_token_id)
+        responses, mask = rollout.first_eos_truncate(raw, tok.eos_token_id, tok.pad_token_id)
         full = torch.cat([ids, responses], 1)
         attention = torch.cat([qmask, mask.long()], 1)
         lp, _ = ppo.forward_logprobs(policy, full, attention, ids.shape[1], 0.7)
