@@ -15,6 +15,11 @@ from app.services import evaluation, loop, registry
 from app.services.errors import Conflict, InvalidInput
 
 
+def _plain(value: Any) -> float | list[float]:
+    """A figure as a plain float, an interval as a list of them, for the JSON columns."""
+    return [float(x) for x in value] if isinstance(value, list) else float(value)
+
+
 def run(ctx: RunContext) -> dict[str, Any]:
     """Candidate vs parent on held-out prompts → candidate metrics → the loop's next step."""
     session, settings = ctx.session, ctx.settings
@@ -50,7 +55,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     )
     samples = result.pop("samples")
     figures = {
-        **{k: float(v) for k, v in result.items()},
+        **{k: _plain(v) for k, v in result.items()},
         "reward_model_id": reward.id,
         "parent_id": parent.id,
         "run_id": ctx.run_id,

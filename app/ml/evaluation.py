@@ -6,6 +6,11 @@ its parent. The KL is estimated on the candidate's own samples,
 `mean over responses of sum over tokens of (log pi(y_t) - log pi_parent(y_t))`, a Monte-Carlo
 estimate of KL(pi || pi_parent) for the sampling distribution (logits divided by the sampling
 temperature for both models, as in PPO). It is exactly 0 for a policy against itself.
+
+A point gain says nothing about how far it would move on other prompts, so the gain comes with
+a paired bootstrap interval over the prompts (`app.ml.bootstrap`), at the run's `confidence`,
+and with the share of prompts the candidate won, with its own interval; the promotion rule can
+require the interval's lower end to clear its threshold.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 from app.kinds.evaluate import EvaluationKnobs
+from app.ml.bootstrap import paired_bootstrap
 from app.ml.checkpoint import seed_everything
 from app.ml.hooks import Cancelled, Hooks, NullHooks
 from app.ml.loading import dtype_for, load_tokenizer, pick_device
@@ -48,12 +54,15 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Score candidate and parent on `prompts`, and the candidate's KL to the parent.
 
-    Returns `{mean_score, parent_mean_score, score_gain, kl_to_parent, eos_rate, mean_length,
-    num_prompts, samples}`; `samples` holds the first `num_samples` prompts with both models'
-    responses and scores. Both models sample with the same seed, so evaluating a policy against
-    itself gives identical responses, a zero gain and a zero KL. The knobs come as `config`
-    or as keywords (`max_new_tokens=32`); the temperature must be > 0, since the KL is taken
-    under the sampling policy.
+    Returns `{mean_score, parent_mean_score, score_gain, score_gain_interval, win_share,
+    win_share_interval, confidence, bootstrap_resamples, kl_to_parent, eos_rate, mean_length,
+    num_prompts, samples}`: the intervals are `[low, high]` at `confidence` from a paired
+    bootstrap over the prompts, seeded with `seed`; `win_share` is the share of prompts the
+    candidate scored higher on (ties count half); `samples` holds the first `num_samples`
+    prompts with both models' responses and scores. Both models sample with the same seed, so
+    evaluating a policy against itself gives identical responses, a zero gain and a zero KL.
+    The knobs come as `config` or as keywords (`max_new_tokens=32`); the temperature must be
+    > 0, since the KL is taken under the sampling policy.
     """
     # Keyword knobs override `config`; both are checked against the one definition.
     cfg = EvaluationKnobs.model_validate({**(config or EvaluationKnobs()).model_dump(), **knobs})
@@ -139,12 +148,22 @@ def evaluate_policy(
                 )
         hooks.progress(min(start + cfg.batch_size, total), total, "evaluating policy")
 
-    mean_score = sum(scores) / len(scores)
-    parent_mean = sum(parent_scores) / len(parent_scores)
+    boot = paired_bootstrap(
+        scores,
+        parent_scores,
+        confidence=cfg.confidence,
+        resamples=cfg.bootstrap_resamples,
+        seed=cfg.seed,
+    )
     return {
-        "mean_score": mean_score,
-        "parent_mean_score": parent_mean,
-        "score_gain": mean_score - parent_mean,
+        "mean_score": sum(scores) / len(scores),
+        "parent_mean_score": sum(parent_scores) / len(parent_scores),
+        "score_gain": boot.gain,  # the mean of per-prompt differences, as the interval is
+        "score_gain_interval": list(boot.gain_interval),
+        "win_share": boot.win_share,
+        "win_share_interval": list(boot.win_share_interval),
+        "confidence": boot.confidence,
+        "bootstrap_resamples": boot.resamples,
         "kl_to_parent": sum(kls) / len(kls),
         "eos_rate": sum(eos) / len(eos),
         "mean_length": sum(lengths) / len(lengths),

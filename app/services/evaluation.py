@@ -6,12 +6,19 @@
 Held-out prompts: each prompt of a project is held out or not by a hash of (seed, prompt id),
 so the split never depends on which other prompts exist. PPO never trains on a held-out prompt
 and DPO never on a judgment of one, and every evaluation of the project reads the same set.
+
+The promotion rule: KL to the parent ≤ `promote_max_kl`, and a score gain that reaches
+`promote_min_score_gain`. With `promote_require_lower_bound` (the default) it is the lower end of
+the gain's interval — a paired bootstrap over the evaluated prompts — that must reach it, not the
+point gain: +0.22 on 11 prompts can be luck, and the interval says how much. An evaluation
+recorded before intervals existed does not pass that rule until it is evaluated again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any
 
 from sqlalchemy import select
@@ -78,20 +85,56 @@ def load_prompt_messages(session: Session, ids: list[int]) -> list[list[dict[str
 # --- the promotion rule ------------------------------------------------------------------------
 
 
-def promotion_rule(settings: ProjectSettings, metrics: dict[str, Any]) -> tuple[bool, str]:
-    """The project's automatic promotion rule: score gain ≥ X and KL to the parent ≤ Y.
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A stored `[low, high]`, or None when there is none (or it is not one)."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    try:
+        low, high = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    return (low, high) if math.isfinite(low) and math.isfinite(high) and low <= high else None
 
-    Returns (passed, a sentence saying why) for the run log and the version's metrics."""
+
+def _interval_text(interval: tuple[float, float], metrics: dict[str, Any]) -> str:
+    """`95 % interval [-0.0500, +0.4100] over 11 prompts`."""
+    confidence, prompts = metrics.get("confidence"), metrics.get("num_prompts")
+    level = f"{100 * float(confidence):g} % " if confidence is not None else ""
+    over = f" over {int(prompts)} prompts" if prompts is not None else ""
+    return f"{level}interval [{interval[0]:+.4f}, {interval[1]:+.4f}]{over}"
+
+
+def promotion_rule(settings: ProjectSettings, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """The project's automatic promotion rule: score gain ≥ X and KL to the parent ≤ Y, where
+    the gain is the lower end of its interval when `promote_require_lower_bound` is set.
+
+    Returns (passed, a sentence saying why, naming the interval) for the run log and the
+    version's metrics."""
     gain, kl = metrics.get("score_gain"), metrics.get("kl_to_parent")
     if gain is None or kl is None:
         return False, "not evaluated yet"
     min_gain, max_kl = settings.promote_min_score_gain, settings.promote_max_kl
-    gain_ok, kl_ok = float(gain) >= min_gain, float(kl) <= max_kl
-    verdict = (
-        f"score gain {float(gain):+.4f} {'>=' if gain_ok else '<'} {min_gain:g} and "
-        f"KL {float(kl):.4f} {'<=' if kl_ok else '>'} {max_kl:g}"
-    )
-    return gain_ok and kl_ok, verdict
+    interval = _interval(metrics.get("score_gain_interval"))
+    kl_ok = float(kl) <= max_kl
+    kl_text = f"KL {float(kl):.4f} {'<=' if kl_ok else '>'} {max_kl:g}"
+    if settings.promote_require_lower_bound:
+        if interval is None:
+            return False, (
+                f"score gain {float(gain):+.4f} has no interval (evaluated before intervals were"
+                f" recorded; evaluate it again), and the rule requires its lower end to reach"
+                f" {min_gain:g}; {kl_text}"
+            )
+        gain_ok = interval[0] >= min_gain
+        gain_text = (
+            f"score gain {float(gain):+.4f}, {_interval_text(interval, metrics)}: lower end"
+            f" {interval[0]:+.4f} {'>=' if gain_ok else '<'} {min_gain:g}"
+        )
+    else:
+        gain_ok = float(gain) >= min_gain
+        gain_text = f"score gain {float(gain):+.4f} {'>=' if gain_ok else '<'} {min_gain:g}"
+        if interval is not None:
+            gain_text += f" ({_interval_text(interval, metrics)}; its lower end not required)"
+    return gain_ok and kl_ok, f"{gain_text} and {kl_text}"
 
 
 # --- the evaluate run --------------------------------------------------------------------------
@@ -177,6 +220,8 @@ def record_evaluation(
         "score_gain": evaluation["score_gain"],
         "kl_to_parent": evaluation["kl_to_parent"],
         "mean_score": evaluation["mean_score"],
+        "score_gain_interval": evaluation.get("score_gain_interval"),
+        "win_share": evaluation.get("win_share"),
         "evaluation": {**evaluation, "samples": samples},
         "promotion_rule": {"passed": passed, "reason": why},
     }

@@ -202,6 +202,8 @@ class VersionSummary:
     rule_reason: str | None
     val_accuracy: float | None
     val_pairs: int | None
+    score_gain_low: float | None = None  # the score gain's interval, when it was evaluated
+    score_gain_high: float | None = None
 
 
 def version_summaries(session: Session, project: Project) -> list[VersionSummary]:
@@ -229,6 +231,8 @@ def version_summaries(session: Session, project: Project) -> list[VersionSummary
             # The reward job records the best validation accuracy; the last one if it did not.
             func.coalesce(m["best_val_accuracy"].as_float(), m["accuracy/val"].as_float()),
             m["val_pairs"].as_float(),
+            m[("score_gain_interval", 0)].as_float(),
+            m[("score_gain_interval", 1)].as_float(),
         )
         .outerjoin(Run, Run.id == ModelVersion.run_id)
         .where(ModelVersion.project_id == project.id)
@@ -254,6 +258,8 @@ def version_summaries(session: Session, project: Project) -> list[VersionSummary
             rule_reason=r[13],
             val_accuracy=r[14],
             val_pairs=None if r[15] is None else int(r[15]),
+            score_gain_low=r[16],
+            score_gain_high=r[17],
         )
         for r in rows
     ]

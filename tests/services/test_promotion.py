@@ -115,12 +115,91 @@ def test_lineage_walks_back_to_the_base(
     ("gain", "kl", "passed"),
     [(0.5, 1.0, True), (0.1, 2.0, True), (0.09, 1.0, False), (0.5, 2.01, False), (None, 1, False)],
 )
-def test_promotion_rule(gain: float | None, kl: float, passed: bool) -> None:
-    settings = ProjectSettings(promote_min_score_gain=0.1, promote_max_kl=2.0)
+def test_promotion_rule_on_the_point_gain(gain: float | None, kl: float, passed: bool) -> None:
+    settings = ProjectSettings(
+        promote_min_score_gain=0.1, promote_max_kl=2.0, promote_require_lower_bound=False
+    )
     metrics = {"kl_to_parent": kl} if gain is None else {"score_gain": gain, "kl_to_parent": kl}
     ok, why = evaluation.promotion_rule(settings, metrics)
     assert ok is passed
     assert ("not evaluated" in why) if gain is None else ("score gain" in why and "KL" in why)
+
+
+# The round of issue 19: +0.22 on 11 prompts, with an interval that reaches below zero.
+LUCKY = {
+    "score_gain": 0.22, "score_gain_interval": [-0.05, 0.41], "confidence": 0.95,
+    "num_prompts": 11, "win_share": 0.55, "kl_to_parent": 2.5,
+}  # fmt: skip
+
+
+def test_the_lower_bound_rule_refuses_a_gain_whose_interval_reaches_below_the_threshold() -> None:
+    assert ProjectSettings().promote_require_lower_bound is True  # the default
+    ok, why = evaluation.promotion_rule(ProjectSettings(), LUCKY)
+    assert ok is False
+    assert why == (
+        "score gain +0.2200, 95 % interval [-0.0500, +0.4100] over 11 prompts:"
+        " lower end -0.0500 < 0 and KL 2.5000 <= 10"
+    )
+    # The point rule alone would have promoted it; its reason still names the interval.
+    point = ProjectSettings(promote_require_lower_bound=False)
+    ok, why = evaluation.promotion_rule(point, LUCKY)
+    assert ok is True
+    assert why == (
+        "score gain +0.2200 >= 0 (95 % interval [-0.0500, +0.4100] over 11 prompts; its lower"
+        " end not required) and KL 2.5000 <= 10"
+    )
+
+
+@pytest.mark.parametrize(
+    ("interval", "kl", "passed"),
+    [
+        ([0.1, 0.3], 1.0, True),  # the lower end exactly at the threshold passes, as the gain did
+        ([0.12, 0.3], 2.0, True),
+        ([0.09, 0.5], 1.0, False),  # a point gain of 0.3 does not help
+        ([0.2, 0.5], 2.01, False),  # nor a clear gain with too much KL
+    ],
+)
+def test_the_lower_bound_rule(interval: list[float], kl: float, passed: bool) -> None:
+    settings = ProjectSettings(promote_min_score_gain=0.1, promote_max_kl=2.0)
+    metrics = {"score_gain": 0.3, "score_gain_interval": interval, "kl_to_parent": kl}
+    ok, why = evaluation.promotion_rule(settings, metrics)
+    assert ok is passed
+    assert f"interval [{interval[0]:+.4f}, {interval[1]:+.4f}]" in why and "KL" in why
+
+
+def test_the_lower_bound_rule_refuses_an_evaluation_without_an_interval() -> None:
+    # Evaluated before intervals were recorded: it must be evaluated again, not pass on faith.
+    ok, why = evaluation.promotion_rule(ProjectSettings(), {"score_gain": 5.0, "kl_to_parent": 0.1})
+    assert ok is False and "no interval" in why and "evaluate it again" in why
+    for broken in ([0.3, 0.1], [0.1], ["low", "high"], [float("nan"), 1.0]):
+        ok, why = evaluation.promotion_rule(
+            ProjectSettings(), {"score_gain": 5.0, "score_gain_interval": broken, "kl_to_parent": 0}
+        )
+        assert ok is False and "no interval" in why
+
+
+def test_record_evaluation_stores_the_interval_and_the_verdict(
+    session: Session, chain: tuple[Project, list[ModelVersion]]
+) -> None:
+    project, (_, v1, _) = chain
+    figures = {**LUCKY, "mean_score": 0.4, "parent_mean_score": 0.18,
+               "win_share_interval": [0.27, 0.82], "run_id": None}  # fmt: skip
+    passed, why = evaluation.record_evaluation(project, v1, figures, samples=[])
+    session.commit()
+    session.expire_all()
+    stored = session.get(ModelVersion, v1.id)
+    assert stored is not None and passed is False
+    m = stored.metrics
+    assert m["score_gain"] == 0.22 and m["score_gain_interval"] == [-0.05, 0.41]
+    assert m["win_share"] == 0.55
+    assert m["evaluation"]["confidence"] == 0.95 and m["evaluation"]["num_prompts"] == 11
+    assert m["evaluation"]["win_share_interval"] == [0.27, 0.82]
+    assert m["promotion_rule"] == {"passed": False, "reason": why}
+    assert "95 % interval [-0.0500, +0.4100]" in why
+    # The versions table reads the interval's ends out of the metrics in the database.
+    [summary] = [v for v in registry.version_summaries(session, project) if v.id == v1.id]
+    assert (summary.score_gain_low, summary.score_gain_high) == (-0.05, 0.41)
+    session.commit()
 
 
 def test_heldout_split_is_stable_and_keeps_both_sides() -> None:

@@ -163,7 +163,8 @@ def plain(value: Any) -> str:
 
 
 def metric_text(key: str, value: Any) -> str:
-    """`plain`, except that a 95 % interval (a key ending `_ci95`) reads as its two ends."""
-    if key.endswith("_ci95") and isinstance(value, list) and len(value) == 2:
+    """`plain`, except that an interval (a key ending `_ci95` or `_interval`) reads as its two
+    ends."""
+    if key.endswith(("_ci95", "_interval")) and isinstance(value, list) and len(value) == 2:
         return f"{plain(float(value[0]))} to {plain(float(value[1]))}"
     return plain(value)

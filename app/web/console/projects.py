@@ -41,7 +41,8 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         "Closed loop and promotion",
         [
             "auto_mode", "reward_retrain_threshold", "min_reward_accuracy",
-            "promote_min_score_gain", "promote_max_kl", "heldout_fraction", "heldout_seed",
+            "promote_min_score_gain", "promote_max_kl", "promote_require_lower_bound",
+            "heldout_fraction", "heldout_seed",
         ],
     ),
     ("loop-runs", "Runs the loop starts", list(LOOP_KINDS)),
