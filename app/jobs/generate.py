@@ -3,6 +3,12 @@
 Each prompt's answers and pairs are committed as soon as they exist (raters start early); the
 run always works on "prompts still lacking answers from the active policy", so a rerun after a
 crash continues where it stopped and never answers a prompt twice.
+
+Best-of-K (`best_of_k` > 2): the reward model is loaded next to the policy, once per run; each
+decode call's K answers per prompt are scored together (`app.ml.best_of_scoring`), and the
+store keeps the top one and the `pair_selection` contrast (`ResponseStore.save_best_of`). The
+pairs of a call are then committed when its scoring ends. Without a reward model the run
+generates as it does without best-of, and its log says so.
 """
 
 from __future__ import annotations
@@ -11,31 +17,56 @@ import gc
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.jobs.runner import RunContext
 from app.kinds.generate import GenerateRunConfig, SamplingConfig
+from app.kinds.pairs import PairRule
+from app.ml.best_of_scoring import score_answer_groups
 from app.ml.generation import GeneratedResponse, generate_responses
 from app.ml.hooks import Cancelled, Hooks
 from app.ml.loading import LoadedModel, load_causal_lm
-from app.models import ModelVersion
+from app.ml.reward import LoadedRewardModel, load_reward_model
+from app.models import ModelVersion, Project
 from app.services import registry
-from app.services.generation import PromptTodo, ResponseStore, prompts_needing_responses
-from app.services.projects import project_settings
+from app.services.generation import (
+    BestOf,
+    PromptTodo,
+    ResponseStore,
+    best_of_reward_model,
+    prompts_needing_responses,
+)
+from app.services.projects import ProjectSettings, project_settings
+
+# What a best-of-K run stores per prompt: one pair.
+BEST_OF_KEPT = 2
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How many answers a prompt gets sampled and stored, and what scores them (best-of-K)."""
+
+    stored: int  # answers a prompt has when it is done
+    sampled: int  # answers sampled per prompt (K)
+    rule: PairRule | None = None
+    reward: ModelVersion | None = None
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    """Load the active policy, answer, store, pair."""
+    """Load the active policy (and, for best-of-K, the reward model), answer, store, pair."""
     session, settings, hooks = ctx.session, ctx.settings, ctx.hooks
     project = ctx.project()
     cfg = ctx.config_as(GenerateRunConfig)
     ps = project_settings(project)
     policy = registry.active_policy(session, project, settings)
-    k = cfg.responses_per_prompt or ps.responses_per_prompt
+    plan, note = _plan(session, project, ps, cfg)
     temperature = cfg.temperature or ps.temperature
     sampling = SamplingConfig(
-        num_responses=k,
+        num_responses=plan.sampled,
         temperature=temperature,
         top_p=cfg.top_p or ps.top_p,
         max_new_tokens=cfg.max_new_tokens or ps.max_new_tokens,
@@ -43,15 +74,24 @@ def run(ctx: RunContext) -> dict[str, Any]:
         do_sample=temperature > 0,
         seed=cfg.seed if cfg.seed is not None else ctx.run_id,
     )
-    todo = prompts_needing_responses(session, project, policy, k, cfg)
+    todo = prompts_needing_responses(session, project, policy, plan.stored, cfg)
     previous = registry.previous_policy(session, policy) if policy.version > 0 else None
     spec = registry.model_spec(policy)
+    reward_path = plan.reward.artifact_path if plan.reward is not None else None
     session.commit()  # no transaction may stay open while the model loads and decodes
+    if note:
+        hooks.log(note)
 
     if not todo:
-        hooks.progress(0, 0, f"nothing to generate: every prompt has {k} responses")
+        hooks.progress(0, 0, f"nothing to generate: every prompt has {plan.stored} responses")
         return {"prompts": 0, "responses": 0, "pairs": 0, "policy_version": policy.version}
-    hooks.progress(0, len(todo), f"{len(todo)} prompts x K={k} from policy v{policy.version}")
+    hooks.progress(
+        0, len(todo), f"{len(todo)} prompts x K={plan.sampled} from policy v{policy.version}"
+    )
+    best_of = None
+    if plan.reward is not None:
+        assert plan.rule is not None
+        best_of = BestOf(plan.sampled, plan.rule, plan.reward.id, sampling.seed)
     store = ResponseStore(
         session=session,
         project=project,
@@ -68,6 +108,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             "max_new_tokens": sampling.max_new_tokens,
             "seed": sampling.seed,
         },
+        best_of=best_of,
     )
 
     def save(todo_item: PromptTodo, generated: list[GeneratedResponse]) -> None:
@@ -76,17 +117,25 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     started = time.perf_counter()
     loaded = _load(spec, settings, ctx.log)
+    reward = None
+    if reward_path is not None:
+        reward = _load_reward(reward_path, loaded, ctx.log)
+        if not sampling.do_sample:
+            hooks.log("best-of-K with greedy decoding (temperature 0): all K answers are equal")
     if hooks.should_stop():
         raise Cancelled("cancelled while loading the model")
 
     done = 0
     step = 0
-    for batch in _batches(todo, cfg, k):
+    for batch in _batches(todo, cfg, plan.sampled):
         chunk_hooks = _ChunkHooks(hooks, done, len(todo), step)
-        _generate(loaded, batch, sampling, chunk_hooks, save)
+        if reward is None:
+            _generate(loaded, batch, sampling, chunk_hooks, save)
+        else:
+            _generate_best_of(loaded, reward, batch, sampling, chunk_hooks, store)
         done += len(batch)
         step = chunk_hooks.next_step
-    del loaded
+    del loaded, reward
     gc.collect()
 
     if store.backfill and previous is not None:
@@ -98,7 +147,41 @@ def run(ctx: RunContext) -> dict[str, Any]:
         f"stored {result['responses']} responses and {result['pairs']} pairs"
         f" ({result['truncated']} truncated) in {seconds:.0f}s"
     )
+    if best_of is not None:
+        gap = result["mean_score_gap"]
+        hooks.log(
+            f"best-of-K: K={best_of.k}, pair_selection={best_of.rule}, reward model"
+            f" v{plan.reward.version if plan.reward else '?'}: mean top score"
+            f" {_fmt(result['mean_top_score'])}, mean top-vs-contrast gap {_fmt(gap)}"
+        )
     return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _plan(
+    session: Session, project: Project, ps: ProjectSettings, cfg: GenerateRunConfig
+) -> tuple[_Plan, str]:
+    """The run's K and, for best-of-K, its rule and reward model; and the line for the log that
+    says which (or that best-of-K is off for want of a reward model)."""
+    per_prompt = cfg.responses_per_prompt or ps.responses_per_prompt
+    best_k = cfg.best_of_k if cfg.best_of_k is not None else ps.best_of_k
+    if best_k <= BEST_OF_KEPT:
+        return _Plan(stored=per_prompt, sampled=per_prompt), ""
+    rule = cfg.pair_selection or ps.pair_selection
+    reward = best_of_reward_model(session, project, cfg.reward_model_id)
+    if reward is None:
+        return _Plan(stored=per_prompt, sampled=per_prompt), (
+            f"best-of-K off: best_of_k={best_k} asks for a reward model and the project has no"
+            f" active one; storing K={per_prompt} answers per prompt, all paired"
+        )
+    note = (
+        f"best-of-K: K={best_k} answers per prompt scored by reward model v{reward.version}"
+        f" (id {reward.id}); keeping the top one and its {rule} contrast as one pair"
+    )
+    return _Plan(stored=BEST_OF_KEPT, sampled=best_k, rule=rule, reward=reward), note
 
 
 def _load(spec: str, settings: Settings, log: Callable[[str], None]) -> LoadedModel:
@@ -112,9 +195,18 @@ def _load(spec: str, settings: Settings, log: Callable[[str], None]) -> LoadedMo
     return loaded
 
 
+def _load_reward(path: str, policy: LoadedModel, log: Callable[[str], None]) -> LoadedRewardModel:
+    t0 = time.perf_counter()
+    log(f"loading reward model {path}")
+    reward = load_reward_model(path, policy.device, dtype=policy.dtype)
+    log(f"reward model loaded in {time.perf_counter() - t0:.1f}s")
+    return reward
+
+
 def _batches(todo: list[PromptTodo], cfg: GenerateRunConfig, k: int) -> Iterator[list[PromptTodo]]:
     """Prompts in call-sized groups of equal `needed`: a small first group when asked (the
-    first pairs then land after one short decode), then groups that fill `batch_size` rows."""
+    first pairs then land after one short decode), then groups that fill `batch_size` rows
+    (`k`: rows per prompt)."""
     per_batch = max(1, cfg.batch_size // k)
     first = cfg.first_batch_prompts
     index = 0
@@ -135,12 +227,10 @@ def _generate(
     hooks: _ChunkHooks,
     save: Callable[[PromptTodo, list[GeneratedResponse]], None],
 ) -> None:
-    # Row seeds derive from (seed, index within the call); mixing in the first prompt id keeps
-    # different calls from reusing the same random streams.
     config = sampling.model_copy(
         update={
             "num_responses": batch[0].needed,
-            "seed": sampling.seed * 1_000_003 + batch[0].prompt_id,
+            "seed": call_seed(sampling.seed, batch[0].prompt_id),
         }
     )
     generate_responses(
@@ -150,6 +240,36 @@ def _generate(
         hooks,
         on_prompt_done=lambda i, responses: save(batch[i], responses),
     )
+
+
+def call_seed(seed: int, first_prompt_id: int) -> int:
+    """The sampling seed of one decode call. Row seeds derive from (seed, index within the
+    call); mixing in the call's first prompt id keeps different calls from reusing the same
+    random streams."""
+    return seed * 1_000_003 + first_prompt_id
+
+
+def _generate_best_of(
+    loaded: LoadedModel,
+    reward: LoadedRewardModel,
+    batch: list[PromptTodo],
+    sampling: SamplingConfig,
+    hooks: _ChunkHooks,
+    store: ResponseStore,
+) -> None:
+    """Sample K answers per prompt of `batch`, score them all in packed rows, keep each
+    prompt's pair. A cancel during the call stores none of its prompts (whole prompts only)."""
+    config = sampling.model_copy(update={"seed": call_seed(sampling.seed, batch[0].prompt_id)})
+    candidates = generate_responses(loaded, [t.messages for t in batch], config, hooks)
+    scores = score_answer_groups(
+        reward,
+        [t.messages for t in batch],
+        [[a.text for a in answers] for answers in candidates],
+        rows_per_forward=max(1, sampling.batch_size // sampling.num_responses),
+    )
+    for todo_item, answers, answer_scores in zip(batch, candidates, scores, strict=True):
+        store.save_best_of(todo_item, answers, answer_scores)
+        store.session.commit()  # this prompt's pair is ready for raters now
 
 
 class _ChunkHooks:

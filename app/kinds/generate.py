@@ -1,11 +1,13 @@
 """Generation: how the policy samples answers (`SamplingConfig`, read by `app.ml.generation`),
-and the config of a `generate` run (which prompts; sampling knobs unset take the project's)."""
+which of them raters see (`BestOfKnobs`), and the config of a `generate` run (which prompts;
+sampling and best-of knobs unset take the project's)."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
 from app.kinds.knobs import Knobs, knob, same_knob
+from app.kinds.pairs import PairRule
 
 
 class SamplingConfig(Knobs):
@@ -35,6 +37,26 @@ class SamplingConfig(Knobs):
         return self
 
 
+class BestOfKnobs(Knobs):
+    """Best-of-K: sample more answers than raters see and let the reward model pick the pair."""
+
+    best_of_k: int = knob(
+        0,
+        "K answers sampled per prompt and scored by the reward model; only the top one and a"
+        " contrasting one (pair_selection) are stored, as one pair for raters. 2 or less: off"
+        " (responses_per_prompt answers, all stored and paired); also off while the project has"
+        " no reward model",
+        ge=0,
+        le=16,
+    )
+    pair_selection: PairRule = knob(
+        "top_random",
+        "best-of-K: the answer paired with the reward model's top one. top_random: a random"
+        " other one (a typical answer of the policy); top_bottom: the lowest scored (widest"
+        " contrast); top_two: the second best (finest distinctions)",
+    )
+
+
 _PROJECT = "default: the project's setting"
 
 
@@ -61,3 +83,12 @@ class GenerateRunConfig(Knobs):
         0, "if > 0, a first small batch so the first pairs land early", ge=0, le=64
     )
     seed: int | None = same_knob(SamplingConfig, "seed", default=None, note="default: the run id")
+    best_of_k: int | None = same_knob(BestOfKnobs, "best_of_k", default=None, note=_PROJECT)
+    pair_selection: PairRule | None = same_knob(
+        BestOfKnobs, "pair_selection", default=None, note=_PROJECT
+    )
+    reward_model_id: int | None = Field(
+        None,
+        description="best-of-K: the reward model version that scores the answers (default: the"
+        " project's active one when the run starts)",
+    )

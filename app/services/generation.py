@@ -11,6 +11,15 @@ after a crash continues where it stopped and never duplicates a prompt's respons
 When a trained (non-base) policy is active, a share of the prompts (`version_eval_rate`) also
 gets a `version_eval` pair of "new policy vs the previous one", for human evaluation of versions;
 a prompt the previous policy never answered gets one answer from it at the end of the run.
+
+Best-of-K (`best_of_k` > 2, a project setting and a run knob): the policy samples K answers per
+prompt, the reward model scores them, and only two are stored, the reward model's top answer and
+a contrasting one picked by `pair_selection` (`app.kinds.pairs`), as the prompt's one pair. Raters
+then see the policy's best answers sooner, against a contrast the rule chooses, and their queue
+holds one pair per prompt. The two kept answers record every candidate's score and their own
+(`generation_params["best_of"]`). A prompt counts as answered once it has two answers from the
+policy, so resuming works as without best-of. Without a reward model to score with, the run
+generates as without best-of and its log says so (`best_of_reward_model`).
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.kinds.generate import GenerateRunConfig
+from app.kinds.pairs import PairRule, choose_pair
 from app.models import ComparisonPair, ModelVersion, Project, Prompt, Response, Run
-from app.services import registry, runs
+from app.services import policy_runs, registry, runs
 from app.services.errors import FieldError, InvalidInput
 from app.services.projects import ProjectSettings, project_settings
 from app.services.prompts import prompt_messages
@@ -42,7 +52,10 @@ MAX_IDS_IN_SQL = 500
 def validate_generate_config(
     session: Session, project: Project, config: GenerateRunConfig
 ) -> GenerateRunConfig:
-    """Check that a `generate` run's prompts belong to the project (422 naming the others)."""
+    """Check that a `generate` run's prompts belong to the project (422 naming the others), and
+    that its `reward_model_id`, when given, is a usable reward model of the project."""
+    if config.reward_model_id is not None:
+        policy_runs.reward_version(session, project, config.reward_model_id)
     if config.prompt_ids:
         wanted = set(config.prompt_ids)
         found: set[int] = set()
@@ -118,6 +131,20 @@ def active_generation(session: Session, project: Project) -> Run | None:
         .order_by((Run.status == "running").desc(), Run.id)
         .limit(1)
     )
+
+
+def best_of_reward_model(
+    session: Session, project: Project, reward_model_id: int | None
+) -> ModelVersion | None:
+    """The reward model a best-of-K run scores with: the given one (an error when it is not a
+    usable reward model of the project), else the project's active one; None when there is no
+    active one, and the run then generates as without best-of."""
+    if reward_model_id is not None:
+        return policy_runs.reward_version(session, project, reward_model_id)
+    version = policy_runs.active_reward_version(session, project)
+    if version is None or not version.artifact_path:
+        return None
+    return version
 
 
 # --- what a generation run works on, and how its answers are stored ---------------------------
@@ -196,10 +223,25 @@ class Answer(Protocol):
     def num_tokens(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class BestOf:
+    """How a best-of-K run keeps a pair from each prompt's K scored answers."""
+
+    k: int
+    rule: PairRule
+    reward_model_id: int
+    seed: int  # seeds `top_random`'s draw per prompt, so a resumed run draws the same
+
+
 @dataclass
 class ResponseStore:
     """Adds a prompt's answers and their comparison pairs; the caller commits after each
-    prompt, so raters can judge the first pairs while the run goes on."""
+    prompt, so raters can judge the first pairs while the run goes on.
+
+    With `best_of` set, `save_best_of` takes all K answers and their reward-model scores and
+    stores only the top one and the rule's contrast, as one pair (top first); their
+    `generation_params["best_of"]` hold the K scores and which candidate each one was.
+    """
 
     session: Session
     project: Project
@@ -208,16 +250,82 @@ class ResponseStore:
     run_id: int
     settings: ProjectSettings
     params: dict[str, Any]
+    best_of: BestOf | None = None
     responses: int = 0
     pairs: int = 0
     eval_pairs: int = 0
     truncated: int = 0
     skipped: int = 0
+    score_gaps: list[float] = field(default_factory=list)
+    top_scores: list[float] = field(default_factory=list)
     backfill: list[tuple[PromptTodo, int]] = field(default_factory=list)
 
     def save(self, todo: PromptTodo, generated: Sequence[Answer]) -> bool:
         """Add `todo`'s answers and pairs; False (nothing added) when another run answered the
         prompt meanwhile."""
+        existing = self._lock_and_recount(todo)
+        if existing is None:
+            return False
+        new_ids = self._add(todo, generated, [{} for _ in generated])
+        for a, b in [*itertools.product(existing, new_ids), *itertools.combinations(new_ids, 2)]:
+            self._pair(todo.prompt_id, a, b, "standard")
+        if self.previous is not None and self._wants_eval(todo.prompt_id):
+            self._eval_pair(todo, new_ids[0])
+        return True
+
+    def save_best_of(
+        self, todo: PromptTodo, candidates: Sequence[Answer], scores: Sequence[float]
+    ) -> bool:
+        """Keep the reward model's top answer of `candidates` and the rule's contrast as one
+        pair (`todo.needed` of them: only the top when the prompt already has an answer, which
+        it is then paired with); False when another run answered the prompt meanwhile.
+
+        A version-eval pair takes the first candidate, whatever its score, so that it compares
+        plain samples of the two policies: the reward model's pick would favour the new one.
+        """
+        assert self.best_of is not None
+        best = self.best_of
+        if len(candidates) != len(scores) or len(candidates) < 2:
+            raise ValueError(f"{len(candidates)} candidates with {len(scores)} scores")
+        existing = self._lock_and_recount(todo)
+        if existing is None:
+            return False
+        rng = random.Random(f"{best.seed}:{todo.prompt_id}")
+        top, contrast = choose_pair(scores, best.rule, rng)
+        keep = [(top, "top"), (contrast, "contrast")][: todo.needed]
+        wants_eval = self.previous is not None and self._wants_eval(todo.prompt_id)
+        if wants_eval and all(index != 0 for index, _ in keep):
+            keep.append((0, "sample"))
+        notes = [
+            {
+                "best_of": {
+                    "k": len(candidates),
+                    "rule": best.rule,
+                    "reward_model_id": best.reward_model_id,
+                    "role": role,
+                    "candidate": index,
+                    "score": float(scores[index]),
+                    "scores": [round(float(s), 6) for s in scores],
+                }
+            }
+            for index, role in keep
+        ]
+        new_ids = self._add(todo, [candidates[index] for index, _ in keep], notes)
+        top_id = new_ids[0]
+        for other in existing:
+            self._pair(todo.prompt_id, other, top_id, "standard")
+        if todo.needed >= 2:
+            self._pair(todo.prompt_id, top_id, new_ids[1], "standard")
+            self.score_gaps.append(float(scores[top]) - float(scores[contrast]))
+        self.top_scores.append(float(scores[top]))
+        if wants_eval:
+            sample = next(i for i, (index, _) in zip(new_ids, keep, strict=True) if index == 0)
+            self._eval_pair(todo, sample)
+        return True
+
+    def _lock_and_recount(self, todo: PromptTodo) -> list[int] | None:
+        """The prompt's answers from this policy, under a row lock; None when they are no
+        longer the ones the run planned for (another run answered it meanwhile)."""
         session = self.session
         # Serialise writers per prompt (a no-op on SQLite, whose transactions hold the write
         # lock), then re-count: another run may have answered this prompt meanwhile.
@@ -234,7 +342,12 @@ class ResponseStore:
         )
         if len(existing) != len(todo.existing):
             self.skipped += 1
-            return False
+            return None
+        return existing
+
+    def _add(
+        self, todo: PromptTodo, answers: Sequence[Answer], notes: Sequence[dict[str, Any]]
+    ) -> list[int]:
         rows = [
             Response(
                 prompt_id=todo.prompt_id,
@@ -246,32 +359,36 @@ class ResponseStore:
                     **self.params,
                     "finish_reason": g.finish_reason,
                     "num_tokens": g.num_tokens,
+                    **note,
                 },
             )
-            for g in generated
+            for g, note in zip(answers, notes, strict=True)
         ]
-        session.add_all(rows)
-        session.flush()
-        new_ids = [r.id for r in rows]
-        for a, b in [*itertools.product(existing, new_ids), *itertools.combinations(new_ids, 2)]:
-            self._pair(todo.prompt_id, a, b, "standard")
+        self.session.add_all(rows)
+        self.session.flush()
         self.responses += len(rows)
-        self.truncated += sum(1 for g in generated if g.truncated)
-        if self.previous is not None and self._wants_eval(todo.prompt_id):
-            theirs = session.scalar(
-                select(Response.id)
+        self.truncated += sum(1 for g in answers if g.truncated)
+        return [r.id for r in rows]
+
+    def _eval_pair(self, todo: PromptTodo, ours: int) -> None:
+        """Pair `ours` with the previous policy's plain answer, or ask for one (backfill)."""
+        assert self.previous is not None
+        theirs = [
+            (rid, params)
+            for rid, params in self.session.execute(
+                select(Response.id, Response.generation_params)
                 .where(
                     Response.prompt_id == todo.prompt_id,
                     Response.model_version_id == self.previous.id,
                 )
                 .order_by(Response.id.desc())
-                .limit(1)
             )
-            if theirs is None:
-                self.backfill.append((todo, new_ids[0]))
-            else:
-                self._pair(todo.prompt_id, new_ids[0], theirs, "version_eval")
-        return True
+            if _plain_sample(params)
+        ]
+        if theirs:
+            self._pair(todo.prompt_id, ours, theirs[0][0], "version_eval")
+        else:
+            self.backfill.append((todo, ours))
 
     def save_previous(self, todo: PromptTodo, ours: int, generated: Answer) -> None:
         """Add the previous policy's answer to `todo` and its version-eval pair with `ours`."""
@@ -316,10 +433,33 @@ class ResponseStore:
             self.eval_pairs += 1
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """What the run stored; with best-of-K also K, the rule, the reward model and the mean
+        score of the kept top answers and of their gap to the contrast."""
+        result: dict[str, Any] = {
             "responses": self.responses,
             "pairs": self.pairs,
             "version_eval_pairs": self.eval_pairs,
             "truncated": self.truncated,
             "skipped_prompts": self.skipped,
         }
+        if self.best_of is not None:
+            result.update(
+                best_of_k=self.best_of.k,
+                pair_selection=self.best_of.rule,
+                reward_model_id=self.best_of.reward_model_id,
+                mean_top_score=_mean(self.top_scores),
+                mean_score_gap=_mean(self.score_gaps),
+            )
+        return result
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _plain_sample(params: dict[str, Any] | None) -> bool:
+    """Whether a stored answer is a plain draw from its policy: not picked by a reward model
+    (a best-of-K answer counts only as its run's first candidate, which is kept whatever its
+    score)."""
+    best_of = (params or {}).get("best_of")
+    return not isinstance(best_of, dict) or best_of.get("candidate") == 0

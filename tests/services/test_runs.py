@@ -73,7 +73,7 @@ def test_create_run_adds_a_queued_row_and_the_commit_sends_its_task(
     assert row.config == {
         "prompt_ids": None, "limit": 3, "responses_per_prompt": None, "temperature": None,
         "top_p": None, "max_new_tokens": None, "batch_size": 16, "first_batch_prompts": 0,
-        "seed": None,
+        "seed": None, "best_of_k": None, "pair_selection": None, "reward_model_id": None,
     }  # fmt: skip
     assert row.created_by_id == admin.id and row.trigger == "api"
     event = session.scalars(sa.select(AuditEvent).where(AuditEvent.action == "run.create")).one()
