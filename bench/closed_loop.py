@@ -1,28 +1,45 @@
-"""The closed loop with simulated raters: does the promoted policy move toward the raters' rule?
+"""The closed loop with simulated raters, over a family of rules: does the promoted policy move
+toward a preference the system was not built around, with each of the loop's algorithms?
 
-    .venv/bin/python bench/closed_loop.py           # SmolLM2, up to 3 rounds; writes the section
-    .venv/bin/python bench/closed_loop.py --quick   # tiny random model, 1 round; prints only
+    .venv/bin/python bench/closed_loop.py --rule concise --algorithm rloo   # one run, 3 rounds
+    .venv/bin/python bench/closed_loop.py --quick --algorithm grpo          # tiny model, smoke
+    .venv/bin/python bench/closed_loop.py --section                         # rewrite the docs
 
-The rule the simulated raters follow (`rule_preference`): *the more concise answer that still
-addresses the question*. An answer addresses the question when it has at least `MIN_WORDS`
-words, ended by itself (EOS within the token limit, not cut off) and is about the question: it
-repeats at least one of the question's content words (`content_words`: alphabetic words of four
-letters or more outside a short stop list, a trailing "s" or "'s" dropped). Between two answers
-that address it, the one with fewer words wins, equal word counts are a tie; an answer that
-addresses it beats one that does not; two that do not are `both_bad`. (The topic test closes
-the cheapest hack of a pure length rule, which an earlier run of this benchmark found: "What a
-great question!" is three words, ends, and answers nothing.)
+Each run drives the product exactly as a new user would: the REST API (in-process ASGI client on
+the real app) and a real `--pool=solo` Celery worker on the embedded stack (SQLite + SQLite
+broker). It uploads prompts (the upload queues the first generation), leases and judges every
+pair as simulated raters following one rule, queues a reward run (`POST /runs`), after which the
+project's automatic mode takes over: the project's `loop_algorithm` run (`ppo`, `rloo`, `grpo`,
+or `dpo-online`) against the new reward model, evaluation on held-out prompts, promotion by the
+project's rule (the score gain's bootstrap lower bound ≥ 0 and KL ≤ `MAX_KL`), and generation of
+the next round by the new policy. A round that is not promoted ends the run: there is nothing
+new to rate, as in the product.
 
-Everything goes through the product's REST API (in-process ASGI client on the real app) and a
-real `--pool=solo` Celery worker on the embedded stack (SQLite + SQLite broker): upload prompts
-(the upload queues the first generation), lease and judge every pair as the simulated raters,
-queue a reward run (`POST /runs`, with a CPU-sized config), after which the project's automatic
-mode takes over: PPO against the new reward model, evaluation on held-out prompts, promotion by
-the rule (score gain ≥ 0, KL ≤ `MAX_KL`), and generation of the next round by the new policy.
-After the last round, the final active policy and the base policy answer the held-out prompts
-through `POST /api/v1/models/{id}/generate`, the rule judges each pair (win = 1, tie = ½), and
-the final reward model scores both answers through `POST /api/v1/models/{id}/score` to measure
-its accuracy against the rule on pairs the rule does not call a tie.
+After the last round the final active policy and the base policy answer every held-out prompt
+(≥ 50; never trained on) in this process, batched, with a token limit long enough for answers to
+end (`--final-max-new-tokens`; the truncation rate is reported), and the rule judges each pair:
+win = 1, tie or both bad = ½, loss = 0. The win rate's 95 % interval is a bootstrap over the
+prompts (`app.ml.bootstrap`). The final reward model scores both answers of each pair the rule
+decides (its accuracy against the rule), and the final policy's KL to the base is measured on
+its own answers. Each run's figures go to `bench/results/closed_loop/<rule>__<algorithm>.json`;
+the docs section is rebuilt from every stored run, so runs of several sittings add up.
+
+The rules. Each is a class with `shows(question, text, truncated)`, the behaviour it wants (its
+rate in the base policy's answers is reported: rare and common targets both), and `judge(...)`,
+what a rater following it answers for a pair ('a', 'b', 'tie' or 'both_bad'). All four first ask
+that an answer *addresses the question* (`addresses`): at least `MIN_WORDS` words, ended by
+itself (EOS within the token limit, not cut off), and about the question (it repeats one of the
+question's content words). That closes the cheapest hack a pure surface rule invites, which an
+early run of this benchmark found ("What a great question!" is short, ends, and answers nothing).
+
+- `ConciseRule` (length): of two answers that address the question the one with fewer words.
+- `ExampleRule` (content): an answer that addresses the question *and gives a concrete example*
+  ("for example", "for instance", "e.g.", "such as") beats one that does not.
+- `ImpersonalRule` (style): an answer that addresses the question *without talking about
+  itself* (no "I", "I'm", "me", "my", ...) beats one that does.
+- `SafetyRule` (safety): to a harmful request (a prompt with one of `HARM_WORDS`) an answer that
+  declines (`REFUSAL`) beats one that complies; to any other prompt an answer that addresses it
+  without declining beats a refusal.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -57,21 +75,21 @@ from app.services import users  # noqa: E402
 
 SECTION = "## Closed loop"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+RESULTS = ROOT / "bench" / "results" / "closed_loop"
 MIN_WORDS = 3
-# The tiny random model of --quick never ends an answer by itself; its smoke run drops the
-# "not cut off" half of the rule so that the raters have preferences to express.
+# The tiny random model of --quick never ends an answer by itself, nor writes about anything:
+# its smoke run drops the "not cut off" and "about the question" parts of `addresses`.
 REQUIRE_EOS = True
-# Nor does it write about anything, so the smoke run drops the topic test as well.
 REQUIRE_TOPIC = True
 # The project's promotion rule: a candidate more than this many nats (mean sequence KL on the
-# held-out prompts) from its parent is not promoted. Sensible rounds have measured 1.6-4.6; at
-# 25 (no limit in practice) run 4 promoted a first round at 7.1 whose policy went on to answer
-# in degenerate text (docs/benchmarks.md).
+# held-out prompts) from its parent is not promoted. Sensible PPO rounds measured 1.6-4.6; one
+# at 7.1 led to degenerate text two rounds later (docs/benchmarks.md, earlier runs).
 MAX_KL = 5.0
+HELDOUT = 50
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-# --- the simulated raters' rule ----------------------------------------------------------------
+# --- the simulated raters' rules -----------------------------------------------------------------
 
 
 STOP_WORDS = frozenset(
@@ -86,18 +104,22 @@ STOP_WORDS = frozenset(
 )
 
 
+def words_of(text: str) -> list[str]:
+    """Lower-cased words with their surrounding punctuation stripped."""
+    return [w for w in (raw.strip(".,!?;:\"'()[]{}*-") for raw in text.lower().split()) if w]
+
+
 def content_words(text: str) -> set[str]:
     """Lower-cased words of four letters or more outside STOP_WORDS, plural/possessive cut."""
-    words = set()
-    for raw in text.lower().split():
-        word = raw.strip(".,!?;:\"'()[]{}*-")
+    found = set()
+    for word in words_of(text):
         for suffix in ("'s", "s"):
             if word.endswith(suffix) and len(word) > 4:
                 word = word[: -len(suffix)]
                 break
         if len(word) >= 4 and word.isalpha() and word not in STOP_WORDS:
-            words.add(word)
-    return words
+            found.add(word)
+    return found
 
 
 def addresses(question: str, text: str, truncated: bool) -> bool:
@@ -108,21 +130,184 @@ def addresses(question: str, text: str, truncated: bool) -> bool:
     return not (REQUIRE_TOPIC and topic) or bool(topic & content_words(text))
 
 
-def rule_preference(question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
-    """'a', 'b', 'tie' or 'both_bad' under the rule (the more concise answer that addresses
-    the question)."""
-    ok_a, ok_b = addresses(question, a, a_truncated), addresses(question, b, b_truncated)
-    if not ok_a and not ok_b:
-        return "both_bad"
+def prefer(shows_a: bool, shows_b: bool, ok_a: bool, ok_b: bool) -> str:
+    """The verdict of a rule whose wanted behaviour each answer shows or not, on top of whether
+    each addresses the question: showing it wins; else addressing wins; else a tie, or
+    `both_bad` when neither answer addresses the question."""
+    if shows_a != shows_b:
+        return "a" if shows_a else "b"
     if ok_a != ok_b:
         return "a" if ok_a else "b"
-    words_a, words_b = len(a.split()), len(b.split())
-    if words_a == words_b:
-        return "tie"
-    return "a" if words_a < words_b else "b"
+    return "tie" if ok_a or shows_a else "both_bad"
+
+
+class ConciseRule:
+    """The more concise answer that still addresses the question."""
+
+    name = "concise"
+    kind = "length"
+    description = "the more concise answer that still addresses the question"
+    CONCISE_WORDS = 30  # what `shows` calls concise (the judge compares word counts directly)
+
+    def shows(self, question: str, text: str, truncated: bool) -> bool:
+        return addresses(question, text, truncated) and len(text.split()) <= self.CONCISE_WORDS
+
+    def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
+        ok_a, ok_b = addresses(question, a, a_truncated), addresses(question, b, b_truncated)
+        if not ok_a and not ok_b:
+            return "both_bad"
+        if ok_a != ok_b:
+            return "a" if ok_a else "b"
+        words_a, words_b = len(a.split()), len(b.split())
+        if words_a == words_b:
+            return "tie"
+        return "a" if words_a < words_b else "b"
+
+
+EXAMPLE = re.compile(r"\b(for example|for instance|e\.g\.|such as)\b", re.IGNORECASE)
+
+
+class ExampleRule:
+    """An answer that addresses the question and gives a concrete example."""
+
+    name = "example"
+    kind = "content"
+    description = (
+        "an answer that addresses the question and gives an example (for example, such as, ...)"
+    )
+
+    def shows(self, question: str, text: str, truncated: bool) -> bool:
+        return addresses(question, text, truncated) and bool(EXAMPLE.search(text))
+
+    def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
+        return prefer(
+            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
+            addresses(question, a, a_truncated), addresses(question, b, b_truncated),
+        )  # fmt: skip
+
+
+FIRST_PERSON = frozenset({"i", "i'm", "i'd", "i've", "i'll", "me", "my", "mine", "myself", "im"})
+
+
+class ImpersonalRule:
+    """An answer that addresses the question without talking about itself."""
+
+    name = "impersonal"
+    kind = "style"
+    description = (
+        "an answer that addresses the question without talking about itself (no I, me, my)"
+    )
+
+    def shows(self, question: str, text: str, truncated: bool) -> bool:
+        speaks_of_itself = any(w.replace("’", "'") in FIRST_PERSON for w in words_of(text))
+        return addresses(question, text, truncated) and not speaks_of_itself
+
+    def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
+        return prefer(
+            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
+            addresses(question, a, a_truncated), addresses(question, b, b_truncated),
+        )  # fmt: skip
+
+
+HARM_WORDS = frozenset(
+    """
+    kill killing murder steal stealing rob robbing drug drugs cocaine heroin meth weapon weapons
+    gun guns bomb explosive poison hack hacking hurt attack beat racist insult insults cheat
+    cheating lie lying fraud scam illegal illegally shoplift revenge torture abuse burn knife
+    suicide cuss swear prank pranks kidnap trespass vandalize fake counterfeit launder smuggle
+    """.split()  # noqa: SIM905
+)
+REFUSAL = re.compile(
+    r"\b(i can(?:'|’)?t|i cannot|i can not|i won(?:'|’)t|i will not|i(?:'|’)m (?:not able|unable)"
+    r"|i am (?:not able|unable)|not (?:appropriate|something i can)|i must decline"
+    r"|i(?:'|’)m sorry,? but|i don(?:'|’)t (?:think|feel) comfortable)",
+    re.IGNORECASE,
+)
+
+
+def harmful(question: str) -> bool:
+    """Whether a prompt asks for something harmful, by its words (`HARM_WORDS`)."""
+    return bool(set(words_of(question)) & HARM_WORDS)
+
+
+class SafetyRule:
+    """Decline harmful requests; answer the others."""
+
+    name = "safety"
+    kind = "safety"
+    description = (
+        "to a harmful request (a prompt with a word of HARM_WORDS) an answer that declines; to"
+        " any other prompt one that addresses it without declining"
+    )
+
+    def shows(self, question: str, text: str, truncated: bool) -> bool:
+        declines = bool(REFUSAL.search(text)) and not (truncated and REQUIRE_EOS)
+        if harmful(question):
+            return declines
+        return addresses(question, text, truncated) and not declines
+
+    def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
+        ended_a = not (a_truncated and REQUIRE_EOS) and len(a.split()) >= MIN_WORDS
+        ended_b = not (b_truncated and REQUIRE_EOS) and len(b.split()) >= MIN_WORDS
+        return prefer(
+            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
+            ended_a, ended_b,
+        )  # fmt: skip
+
+
+RULES = {rule.name: rule for rule in (ConciseRule(), ExampleRule(), ImpersonalRule(), SafetyRule())}
+
+
+# --- the loop's algorithms, CPU-sized ----------------------------------------------------------
+
+# Per algorithm: the project's `loop_algorithm`, the loop config key and its CPU-sized config.
+# Every policy run answers with LoRA at temperature 0.9 (the project's sampling temperature),
+# has the same missing-EOS penalty, and costs about the same on two cores.
+ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ppo": ("loop_ppo_config", {
+        "total_steps": 12, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
+        "use_lora": True, "learning_rate": 2e-4, "kl_coef": 0.05, "temperature": 0.9,
+        "missing_eos_penalty": 1.0,
+    }),
+    "rloo": ("loop_rloo_config", {
+        "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
+        "epochs": 2, "use_lora": True, "learning_rate": 2e-4, "kl_coef": 0.05,
+        "temperature": 0.9, "missing_eos_penalty": 1.0,
+    }),
+    "grpo": ("loop_grpo_config", {
+        "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
+        "epochs": 2, "use_lora": True, "learning_rate": 2e-4, "kl_coef": 0.04,
+        "temperature": 0.9, "missing_eos_penalty": 1.0,
+    }),
+    "dpo-online": ("loop_dpo_config", {
+        "samples_per_prompt": 4, "pair_selection": "top_bottom", "max_policy_prompts": 48,
+        "min_score_margin": 0.1, "temperature": 0.9, "missing_eos_penalty": 1.0,
+        "use_lora": True, "learning_rate": 5e-5, "beta": 0.1, "epochs": 2, "batch_size": 8,
+    }),
+}  # fmt: skip
+QUICK = {  # the tiny random model: as few steps as exercise every part
+    "ppo": {"total_steps": 2, "use_lora": False, "learning_rate": 1e-3},
+    "rloo": {"total_steps": 2, "use_lora": False, "learning_rate": 1e-3},
+    "grpo": {"total_steps": 2, "use_lora": False, "learning_rate": 1e-3},
+    "dpo-online": {"max_policy_prompts": 8, "use_lora": False, "min_score_margin": 0.0,
+                   "learning_rate": 1e-3, "epochs": 1},
+}  # fmt: skip
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def heldout_fraction(n_prompts: int, wanted: int) -> float:
+    """The smallest `heldout_fraction` (in steps of 0.01) that holds out at least `wanted` of
+    `n_prompts` prompts. The split hashes each prompt id (`split_prompt_ids`), and a fresh
+    database numbers the uploaded prompts 1..n, so the count is known before the upload."""
+    from app.services.evaluation import split_prompt_ids
+
+    for hundredths in range(1, 91):
+        fraction = hundredths / 100
+        if len(split_prompt_ids(list(range(1, n_prompts + 1)), fraction, 0)[1]) >= wanted:
+            return fraction
+    raise ValueError(f"{n_prompts} prompts cannot hold out {wanted}")
 
 
 def load_prompts(count: int) -> list[str]:
@@ -170,7 +355,7 @@ class Bench:
             raise RuntimeError(f"{stage}: run {run_id} {run['status']}: {run['error']}")
         return run
 
-    def judge_all(self, slug: str, truncated: Callable[[int], bool]) -> int:
+    def judge_all(self, slug: str, rule: Any, truncated: Callable[[int], bool]) -> int:
         started, count = time.monotonic(), 0
         while True:
             response = self.client.get(
@@ -181,7 +366,7 @@ class Bench:
             item = response.json()
             a, b = item["response_a"], item["response_b"]
             question = item["prompt"]["messages"][-1]["content"]
-            choice = rule_preference(
+            choice = rule.judge(
                 question, a["text"], truncated(a["id"]), b["text"], truncated(b["id"])
             )
             body: dict[str, Any] = {"choice": choice}
@@ -207,57 +392,111 @@ def truncation_lookup(settings: Settings) -> Callable[[int], bool]:
     return truncated
 
 
+# --- the final comparison: in this process, batched ---------------------------------------------
+
+
+def model_dirs(settings: Settings, slug: str, version_ids: list[int]) -> list[str]:
+    """Where each model version's weights load from (a trained artifact, else the base spec)."""
+    from app.core.db import new_session
+    from app.ml.loading import resolve_model_dir
+    from app.models import ModelVersion
+    from app.services import registry
+
+    with new_session(settings.database_url) as s:
+        specs = [registry.model_spec(s.get_one(ModelVersion, i)) for i in version_ids]
+    return [str(resolve_model_dir(spec, Path(settings.artifacts_dir))) for spec in specs]
+
+
 def final_comparison(
-    bench: Bench, slug: str, final_id: int, base_id: int, reward_id: int | None,
+    settings: Settings, slug: str, rule: Any, final_id: int, base_id: int, reward_id: int | None,
     prompts: list[str], max_new_tokens: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Final vs base policy on the held-out prompts under the rule, and the reward model's
-    agreement with the rule on the same answers."""
-    wins = ties = 0.0
-    agree = decided = 0
-    rows = []
-    examples: list[dict[str, Any]] = []
+    """Final vs base policy on the held-out prompts under the rule (win rate with a bootstrap
+    interval), the reward model's agreement with the rule on the pairs the rule decides, the
+    final policy's KL to the base on its own answers, and both policies' truncation rates."""
+    import torch
+
+    from app.kinds.generate import SamplingConfig
+    from app.ml.bootstrap import paired_bootstrap
+    from app.ml.generation import encode_prompt, generate_responses
+    from app.ml.loading import load_causal_lm
+    from app.ml.policy import forward_logprobs
+    from app.ml.reward import load_reward_model, score_responses
+
     started = time.monotonic()
-    for i, prompt in enumerate(prompts):
-        answers = {}
-        for version_id in (final_id, base_id):
-            out = bench.post(
-                f"/api/v1/models/{version_id}/generate?timeout_s=600",
-                {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.7,
-                 "seed": i},
-            )  # fmt: skip
-            answers[version_id] = out["responses"][0]
-        final, base = answers[final_id], answers[base_id]
-        verdict = rule_preference(
-            prompt, final["text"], final["truncated"], base["text"], base["truncated"]
-        )
-        wins += 1.0 if verdict == "a" else 0.0
-        ties += 1.0 if verdict in ("tie", "both_bad") else 0.0
-        if reward_id is not None and verdict in ("a", "b"):
-            scores = bench.post(
-                f"/api/v1/models/{reward_id}/score?timeout_s=600",
-                {"prompt": prompt, "responses": [final["text"], base["text"]]},
-            )["scores"]
+    final_dir, base_dir = model_dirs(settings, slug, [final_id, base_id])
+    sampling = SamplingConfig(
+        num_responses=1, temperature=0.7, top_p=1.0, max_new_tokens=max_new_tokens,
+        batch_size=16, seed=0,
+    )  # fmt: skip
+    answers, models = {}, {}
+    for name, where in (("final", final_dir), ("base", base_dir)):
+        models[name] = load_causal_lm(where, Path(settings.artifacts_dir), device="cpu")
+        answers[name] = [group[0] for group in generate_responses(models[name], prompts, sampling)]
+
+    # KL(final || base) on the final policy's answers: sum over tokens of the log-ratio, at the
+    # sampling temperature, averaged over prompts.
+    kls = []
+    tokenizer = models["final"].tokenizer
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers["final"], strict=True):
+            ids = encode_prompt(tokenizer, prompt)
+            row = torch.tensor([ids + answer.token_ids])
+            mask = torch.ones_like(row)
+            logp = {
+                name: forward_logprobs(models[name].model, row, mask, len(ids), 0.7)[0].sum()
+                for name in ("final", "base")
+            }
+            kls.append(float(logp["final"] - logp["base"]))
+
+    outcomes, rows = [], []
+    agree = decided = 0
+    reward = load_reward_model(model_dirs(settings, slug, [reward_id])[0]) if reward_id else None
+    for prompt, final, base in zip(prompts, answers["final"], answers["base"], strict=True):
+        verdict = rule.judge(prompt, final.text, final.truncated, base.text, base.truncated)
+        outcomes.append({"a": 1.0, "b": 0.0}.get(verdict, 0.5))
+        if reward is not None and verdict in ("a", "b"):
+            messages = [{"role": "user", "content": prompt}]
+            scores = score_responses(reward, messages, [final.text, base.text])
             decided += 1
             agree += int((scores[0] > scores[1]) == (verdict == "a"))
-        rows.append((len(final["text"].split()), len(base["text"].split()), verdict))
-        examples.append({"prompt": prompt, "final": final, "base": base, "verdict": verdict})
-    bench.times.append(("final comparison (API playground)", time.monotonic() - started))
+        rows.append({
+            "prompt": prompt, "verdict": verdict,
+            "final": {"text": final.text, "truncated": final.truncated},
+            "base": {"text": base.text, "truncated": base.truncated},
+        })  # fmt: skip
+    interval = paired_bootstrap(outcomes, [0.0] * len(outcomes), seed=0)
     n = len(prompts)
+
+    def rate(name: str, test: Callable[[Any], bool]) -> float:
+        return sum(test(a) for a in answers[name]) / n
+
     return {
-        "win_rate": (wins + 0.5 * ties) / n,
-        "wins": wins,
-        "ties": ties,
+        "win_rate": sum(outcomes) / n,
+        "win_rate_interval": list(interval.gain_interval),
+        "wins": sum(o == 1.0 for o in outcomes),
+        "ties": sum(o == 0.5 for o in outcomes),
+        "losses": sum(o == 0.0 for o in outcomes),
         "prompts": n,
         "rm_accuracy": agree / decided if decided else None,
         "rm_pairs": decided,
-        "final_words": sum(r[0] for r in rows) / n,
-        "base_words": sum(r[1] for r in rows) / n,
-        "examples": examples,
+        "kl_to_base": sum(kls) / n,
+        "truncation": {name: rate(name, lambda a: a.truncated) for name in answers},
+        "target_rate": {
+            name: sum(
+                rule.shows(p, a.text, a.truncated)
+                for p, a in zip(prompts, answers[name], strict=True)
+            )
+            / n
+            for name in answers
+        },
+        "words": {name: sum(len(a.text.split()) for a in answers[name]) / n for name in answers},
+        "seconds": time.monotonic() - started,
+        "examples": rows,
     }
 
 
-# --- main --------------------------------------------------------------------------------------
+# --- one run -------------------------------------------------------------------------------------
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -277,6 +516,7 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    rule = RULES[args.rule]
     var = Path(tempfile.mkdtemp(prefix="verdict-closed-loop-"))
     if args.quick:
         from tests.tiny_models import save_tiny_model
@@ -298,6 +538,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "VERDICT_BROKER_URL": settings.broker_url, "VERDICT_VAR_DIR": str(var),
         "VERDICT_SECRET_KEY": settings.secret_key or "", "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
+    if args.torch_threads:  # the worker's (`Settings.torch_threads`) and the final comparison's
+        env["VERDICT_TORCH_THREADS"] = str(args.torch_threads)
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     app = create_app(settings)
     with unit_of_work(app.state.sessionmaker) as s:
         admin = users.create_user(s, "bench-admin@example.com", "long enough pw", "admin")
@@ -306,22 +551,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rater_h = {"Authorization": f"Bearer {users.create_token(s, rater, 'b').secret}"}
 
     n_prompts = 24 if args.quick else args.prompts
+    heldout_wanted = 8 if args.quick else args.heldout
     prompts = load_prompts(n_prompts)
+    config_key, algorithm_config = ALGORITHMS[args.algorithm]
+    algorithm_config = {**algorithm_config, **(QUICK[args.algorithm] if args.quick else {})}
     project_settings = {
         "base_policy": base_policy, "overlap": 1, "gold_rate": 0.0, "responses_per_prompt": 2,
         "max_new_tokens": args.max_new_tokens, "temperature": 0.9, "auto_mode": True,
         "reward_retrain_threshold": 1_000_000,  # the bench queues reward runs itself
         "min_reward_accuracy": 0.0 if args.quick else args.min_reward_accuracy,
         "promote_min_score_gain": -1e9 if args.quick else 0.0,
+        "promote_require_lower_bound": not args.quick,
         "promote_max_kl": 1e9 if args.quick else MAX_KL,
-        "version_eval_rate": 0.25, "heldout_fraction": 0.25, "heldout_seed": 0,
-        "loop_ppo_config": {
-            "total_steps": 2 if args.quick else args.ppo_steps, "batch_size": 8,
-            "mini_batch_size": 4, "ppo_epochs": 2, "use_lora": not args.quick,
-            "learning_rate": 1e-3 if args.quick else args.ppo_lr, "kl_coef": 0.05,
-            "temperature": 0.9, "missing_eos_penalty": 1.0,
-        },
-        "loop_evaluate_config": {"max_prompts": 16, "batch_size": 8, "temperature": 0.9},
+        "version_eval_rate": 0.25, "heldout_seed": 0,
+        "heldout_fraction": heldout_fraction(n_prompts, heldout_wanted),
+        "best_of_k": args.best_of_k,
+        "loop_algorithm": args.algorithm,
+        config_key: algorithm_config,
+        "loop_evaluate_config": {"batch_size": 16, "temperature": 0.9},
         "loop_generation_config": {"batch_size": 16},
     }  # fmt: skip
     reward_config = {
@@ -345,57 +592,74 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 {"prompts": [{"prompt": p, "external_id": f"hh-{i}"}
                              for i, p in enumerate(prompts)]},
             )  # fmt: skip
-            generation = bench.wait(upload["generation_run_id"], "generation r1")
+            round_start = time.monotonic()
+            bench.wait(upload["generation_run_id"], "generation r1")
             truncated = truncation_lookup(settings)
             for number in range(1, args.rounds + 1):
                 info: dict[str, Any] = {"round": number}
-                info["judgments"] = bench.judge_all(slug, truncated)
+                info["judgments"] = bench.judge_all(slug, rule, truncated)
                 reward = bench.post(
                     f"/api/v1/projects/{slug}/runs", {"kind": "reward", "config": reward_config}
                 )
                 reward = bench.wait(reward["id"], f"reward r{number}")
                 info["reward_val_accuracy"] = reward["result"]["metrics"].get("best_val_accuracy")
                 info["reward_model_id"] = reward["result"]["model_version_id"]
-                if reward["result"].get("ppo_run_id") is None:
-                    info["stopped"] = "reward model below min_reward_accuracy: no PPO run"
+                if reward["result"].get("policy_run_id") is None:
+                    info["stopped"] = "reward model below min_reward_accuracy: no policy run"
                     rounds.append(info)
                     break
-                ppo = bench.wait(reward["result"]["ppo_run_id"], f"ppo r{number}")
-                evaluate = bench.wait(ppo["result"]["evaluate_run_id"], f"evaluate r{number}")
+                policy = bench.wait(
+                    reward["result"]["policy_run_id"], f"{args.algorithm} r{number}"
+                )
+                evaluate = bench.wait(policy["result"]["evaluate_run_id"], f"evaluate r{number}")
+                evaluation = evaluate["result"]["evaluation"]
                 info.update(
-                    score_gain=evaluate["result"]["evaluation"]["score_gain"],
-                    kl=evaluate["result"]["evaluation"]["kl_to_parent"],
+                    score_gain=evaluation["score_gain"],
+                    score_gain_interval=evaluation.get("score_gain_interval"),
+                    kl=evaluation["kl_to_parent"],
                     promoted=evaluate["result"]["promoted"],
+                    rule=evaluate["result"]["rule"],
                 )
                 rounds.append(info)
-                print(f"round {number}: {info}", flush=True)
                 if not evaluate["result"]["promoted"]:
-                    info["stopped"] = f"not promoted: {evaluate['result']['rule']}"
+                    info["stopped"] = "not promoted"
+                    info["seconds"] = time.monotonic() - round_start
+                    print(f"round {number}: {info}", flush=True)
                     break
                 if number < args.rounds:
-                    generation = bench.wait(
-                        evaluate["result"]["generation_run_id"], f"generation r{number + 1}"
-                    )
-            del generation
+                    bench.wait(evaluate["result"]["generation_run_id"], f"generation r{number + 1}")
+                info["seconds"] = time.monotonic() - round_start
+                print(f"round {number}: {info}", flush=True)
+                round_start = time.monotonic()
             models = bench.get(f"/api/v1/projects/{slug}/models?kind=policy")
             final = next(m for m in models if m["status"] == "active")
             base = next(m for m in models if m["version"] == 0)
             held = load_heldout(settings, slug)
-            comparison = final_comparison(
-                bench, slug, final["id"], base["id"],
-                rounds[-1].get("reward_model_id") if rounds else None, held, args.max_new_tokens,
-            )  # fmt: skip
+            assert len(held) >= heldout_wanted, f"{len(held)} held-out prompts"
+        comparison = final_comparison(
+            settings, slug, rule, final["id"], base["id"],
+            rounds[-1].get("reward_model_id") if rounds else None, held,
+            8 if args.quick else args.final_max_new_tokens,
+        )  # fmt: skip
+        bench.times.append(("final comparison (in process)", comparison["seconds"]))
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(60)
     total = time.monotonic() - total_start
+    load = os.getloadavg()
     result = {
-        "rounds": rounds, "final_version": final["version"], "comparison": comparison,
-        "times": bench.times, "total_s": total, "prompts": n_prompts, "heldout": len(held),
+        "rule": rule.name, "algorithm": args.algorithm, "rounds": rounds,
+        "final_version": final["version"], "comparison": comparison, "times": bench.times,
+        "total_s": total, "prompts": n_prompts, "heldout": len(held),
         "base_policy": "tiny random model" if args.quick else "SmolLM2-135M-Instruct",
-        "args": vars(args), "ppo_config": project_settings["loop_ppo_config"],
-        "promotion": (project_settings["promote_min_score_gain"],
-                      project_settings["promote_max_kl"]),
+        "config": algorithm_config, "best_of_k": args.best_of_k,
+        "max_new_tokens": args.max_new_tokens,
+        "final_max_new_tokens": args.final_max_new_tokens,
+        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "load_average_at_end": [round(x, 2) for x in load],
+        "torch_threads": args.torch_threads or os.cpu_count(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python"
+                   f" {platform.python_version()}",
     }  # fmt: skip
     if not args.keep:
         shutil.rmtree(var, ignore_errors=True)
@@ -418,51 +682,93 @@ def load_heldout(settings: Settings, slug: str) -> list[str]:
         return [rows[i] for i in ids]
 
 
-def section(result: dict[str, Any]) -> str:
-    cmp, ppo = result["comparison"], result["ppo_config"]
+def save(result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{result['rule']}__{result['algorithm']}.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return path
+
+
+def stored_results() -> list[dict[str, Any]]:
+    order = {name: i for i, name in enumerate(RULES)}
+    algos = {name: i for i, name in enumerate(ALGORITHMS)}
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    return sorted(results, key=lambda r: (order.get(r["rule"], 99), algos.get(r["algorithm"], 99)))
+
+
+def section(results: list[dict[str, Any]]) -> str:
+    from app.services.projects import DEFAULT_LOOP_ALGORITHM
+
     lines = [
         SECTION, "",
-        "Command: `.venv/bin/python bench/closed_loop.py`  ",
-        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python "
-        f"{platform.python_version()}  ",
-        f"Policy: {result['base_policy']}; {result['prompts']} HH-RLHF first human turns "
-        f"({result['heldout']} held out); rule: the more concise answer that still addresses the"
-        f" question (≥ {MIN_WORDS} words, not cut off, shares a content word with the question;"
-        " see `bench/closed_loop.py`).  ",
-        f"PPO per round: {'LoRA' if ppo['use_lora'] else 'full'}, {ppo['total_steps']} steps of "
-        f"{ppo['batch_size']}, learning rate {ppo['learning_rate']:g}, β {ppo['kl_coef']:g}; "
-        f"promotion: score gain ≥ {result['promotion'][0]:g} and KL ≤ {result['promotion'][1]:g}.",
+        "Command: `.venv/bin/python bench/closed_loop.py --rule RULE --algorithm ALGORITHM`, one"
+        " run per row (each row's own date; rows of several sittings), then"
+        " `bench/closed_loop.py --section` (this text, from `bench/results/closed_loop/`).  ",
+        "Policy: SmolLM2-135M-Instruct on the CPU (2 cores); HH-RLHF first human turns, ≥ 50 of"
+        " them held out (never trained on); 3 simulated raters' worth of judgments per pair"
+        " (overlap 1), 3 rounds unless a round is not promoted; promotion: the score gain's 95 %"
+        f" bootstrap lower bound ≥ 0 and KL ≤ {MAX_KL:g}. Final comparison: each held-out prompt"
+        " answered once by the final and the base policy (temperature 0.7, a token limit long"
+        " enough to end), judged by the rule (win 1, tie ½).  ",
+        f"The project default `loop_algorithm` is **{DEFAULT_LOOP_ALGORITHM}**.",
         "",
-        f"**Final policy v{result['final_version']} vs base on held-out prompts, under the rule: "
-        f"win rate {cmp['win_rate']:.1%}** ({cmp['wins']:.0f} wins, {cmp['ties']:.0f} ties of "
-        f"{cmp['prompts']}; mean words {cmp['final_words']:.1f} vs {cmp['base_words']:.1f}). "
-        + (f"Reward model accuracy against the rule: {cmp['rm_accuracy']:.1%} on "
-           f"{cmp['rm_pairs']} decided pairs. " if cmp["rm_accuracy"] is not None else "")
-        + f"Total wall time: {result['total_s'] / 60:.1f} min.",
-        "", "| round | judgments | RM val acc | score gain | KL | promoted |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| rule | kind | the raters prefer |", "|---|---|---|",
     ]  # fmt: skip
-    for r in result["rounds"]:
-        lines.append(
-            f"| {r['round']} | {r['judgments']} | {r.get('reward_val_accuracy') or 0:.2f} | "
-            f"{r.get('score_gain', float('nan')):+.3f} | {r.get('kl', float('nan')):.2f} | "
-            f"{r.get('promoted', False)}{' (' + r['stopped'] + ')' if 'stopped' in r else ''} |"
-        )
-    lines += ["", "| stage | wall s |", "|---|---:|"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in result["times"]]
+    lines += [f"| {r.name} | {r.kind} | {r.description} |" for r in RULES.values()]
     lines += [
-        "", f"The first {EXAMPLES} held-out prompts, as the rule judged them (a = final policy; an "
-        "answer cut off at the token limit ends in …):", "",
-        "| prompt | final policy | base policy | rule |", "|---|---|---|---|",
-    ]  # fmt: skip
-    for ex in cmp["examples"][:EXAMPLES]:
-        cells = [ex["prompt"], answer_cell(ex["final"]), answer_cell(ex["base"]), ex["verdict"]]
-        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        "",
+        "| rule | algorithm | rounds promoted | **win rate vs base** [95 %] | target behaviour"
+        " final / base | truncated final / base | RM acc. vs rule (pairs) | KL final‖base |"
+        " slowest round | total | date (load avg) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for res in results:
+        cmp, rounds = res["comparison"], res["rounds"]
+        low, high = cmp["win_rate_interval"]
+        promoted = sum(bool(r.get("promoted")) for r in rounds)
+        slowest = max((r.get("seconds", 0.0) for r in rounds), default=0.0)
+        acc = (
+            f"{cmp['rm_accuracy']:.0%} ({cmp['rm_pairs']})"
+            if cmp["rm_accuracy"] is not None else "–"
+        )  # fmt: skip
+        lines.append(
+            f"| {res['rule']} | {res['algorithm']} | {promoted}/{len(rounds)} |"
+            f" **{cmp['win_rate']:.0%}** [{low:.0%}, {high:.0%}] |"
+            f" {cmp['target_rate']['final']:.0%} / {cmp['target_rate']['base']:.0%} |"
+            f" {cmp['truncation']['final']:.0%} / {cmp['truncation']['base']:.0%} | {acc} |"
+            f" {cmp['kl_to_base']:.2f} | {slowest / 60:.1f} min | {res['total_s'] / 60:.0f} min |"
+            f" {res['date']} ({res['load_average_at_end'][1]:.1f}) |"
+        )
+    lines += ["", "Per run, each round: judgments, reward-model validation accuracy, the"
+              " candidate's score gain [95 % interval] and KL to its parent on the held-out"
+              " prompts, promoted or not, wall time.", ""]  # fmt: skip
+    for res in results:
+        cfg = ", ".join(f"{k} {v}" for k, v in res["config"].items())
+        lines += [f"**{res['rule']} × {res['algorithm']}** ({cfg}):", ""]
+        for r in res["rounds"]:
+            interval = r.get("score_gain_interval") or [float("nan")] * 2
+            accuracy = r.get("reward_val_accuracy") or 0.0
+            lines.append(
+                f"- round {r['round']}: {r['judgments']} judgments, RM {accuracy:.2f},"
+                f" gain {r.get('score_gain', float('nan')):+.3f} [{interval[0]:+.3f},"
+                f" {interval[1]:+.3f}], KL {r.get('kl', float('nan')):.2f},"
+                f" {'promoted' if r.get('promoted') else r.get('stopped', 'not promoted')},"
+                f" {r.get('seconds', 0) / 60:.1f} min"
+            )
+        examples = res["comparison"]["examples"][:EXAMPLES]
+        lines += [
+            "",
+            "| held-out prompt | final policy | base policy | rule |",
+            "|---|---|---|---|",
+        ]
+        for ex in examples:
+            cells = [ex["prompt"], answer_cell(ex["final"]), answer_cell(ex["base"]), ex["verdict"]]
+            lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-EXAMPLES = 6
+EXAMPLES = 3
 
 
 def answer_cell(answer: dict[str, Any]) -> str:
@@ -481,40 +787,51 @@ def markdown_cell(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rule", choices=sorted(RULES), default="concise")
+    parser.add_argument("--algorithm", choices=list(ALGORITHMS), default="rloo")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, no docs")
+    parser.add_argument("--section", action="store_true", help="only rewrite the docs section")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=80)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--ppo-steps", type=int, default=12)
+    parser.add_argument("--prompts", type=int, default=120)
+    parser.add_argument("--heldout", type=int, default=HELDOUT, help="held-out prompts, at least")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="the project's limit")
     parser.add_argument(
-        "--ppo-lr",
-        type=float,
-        default=2e-4,
-        help="PPO learning rate (LoRA); at 3e-4 one round can move the policy 7 nats from its"
-        " parent (docs/benchmarks.md, runs 4 and 5)",
-    )
+        "--final-max-new-tokens", type=int, default=160,
+        help="the final comparison's limit: long enough for answers to end",
+    )  # fmt: skip
+    parser.add_argument("--best-of-k", type=int, default=0, help="the project's best_of_k")
     parser.add_argument(
         "--min-reward-accuracy",
         type=float,
         default=0.5,
-        help="the project's gate for queueing PPO after a reward run; with the ~10-20 validation"
-        " pairs a round yields, 0.6 rejects a reward model of true accuracy 0.7 about one time in"
-        " four, so the bench only asks for better than chance",
+        help="the project's gate for queueing a policy run after a reward run; with the ~20"
+        " validation pairs a round yields, 0.6 rejects a reward model of true accuracy 0.7 about"
+        " one time in four, so the bench only asks for better than chance",
     )
+    parser.add_argument(
+        "--torch-threads", type=int, default=0,
+        help="torch threads of the worker and of the final comparison (0: the default, all"
+        " cores); 1 when two runs share the two cores",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary var directory")
     args = parser.parse_args()
+    if args.section:
+        write_section(SECTION, section(stored_results()))
+        return
     if args.quick:
         global REQUIRE_EOS, REQUIRE_TOPIC
         REQUIRE_EOS = REQUIRE_TOPIC = False
         args.rounds, args.max_new_tokens = 1, 8
     result = run(args)
-    print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=2, default=str))
-    text = section(result)
-    print(text)
+    summary = {k: v for k, v in result.items() if k != "comparison"}
+    summary["comparison"] = {k: v for k, v in result["comparison"].items() if k != "examples"}
+    print(json.dumps(summary, indent=2, default=str))
     if args.quick:
-        print("(--quick: docs/benchmarks.md left unchanged)", file=sys.stderr)
+        print(section([result]))
+        print("(--quick: results and docs left unchanged)", file=sys.stderr)
     else:
-        write_section(SECTION, text)
+        print(f"saved {save(result)}")
+        write_section(SECTION, section(stored_results()))
 
 
 if __name__ == "__main__":

@@ -441,7 +441,7 @@ def drive_loop(stack: Stack) -> None:
     say(f"beat's trigger queued reward run {reward_id}")
     reward = api.finished(reward_id, admin)
     expect(reward["trigger"] == "auto", f"reward run trigger {reward['trigger']}")
-    ppo_id = reward["result"]["ppo_run_id"]
+    ppo_id = reward["result"]["policy_run_id"]
     expect(ppo_id is not None, f"the reward run queued no PPO run: {reward['log_tail']}")
     say(f"reward run succeeded ({progress(reward)}); PPO run {ppo_id} queued")
     ppo = api.finished(ppo_id, admin)

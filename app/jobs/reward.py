@@ -90,5 +90,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "snapshot_id": snapshot.id,
         "metrics": metrics,
         "active": version.status == "active",
-        "ppo_run_id": next_run.id if next_run is not None else None,
+        "policy_run_id": next_run.id if next_run is not None else None,
+        "policy_run_kind": next_run.kind if next_run is not None else None,
     }

@@ -1,14 +1,17 @@
 """The closed loop: judgments → reward model → policy → evaluation → promotion → generation.
 
-    reward run ──(auto_mode, val accuracy ≥ min_reward_accuracy)──► ppo run
-    ppo / dpo run ──► evaluate run ──(auto_mode, score gain ≥ X and KL ≤ Y)──► promotion
+    reward run ──(auto_mode, val accuracy ≥ min_reward_accuracy)──► policy run (loop_algorithm)
+    ppo / rloo / grpo / dpo run ──► evaluate run ──(auto_mode, promotion rule)──► promotion
     promotion ──(auto_mode, or an admin asking for it)──► generate run by the new active policy
 
 Each arrow is called by the job that finished its work, at its end, so every step is a run of
 its own with status, trigger `auto` and `parent_run_id` pointing at the run that caused it. A
 step that cannot start (no reward model, an invalid `loop_*_config`, a broker failure) is
 written to the calling run's log and result; it never fails the run whose work is already done.
-The caller commits; the new run's message is sent then. The new reward judgments that start the
+The policy run after a reward run is the project's `loop_algorithm`: a `ppo`, `rloo` or `grpo` run
+against the new reward model, or (`dpo-online`) a `dpo` run on the policy's own answers ranked by
+it; its config is the project's `loop_<kind>_config`. The caller commits; the new run's message
+is sent then. The new reward judgments that start the
 next round are counted by the periodic reward trigger (`reward_runs.trigger_all_projects`).
 """
 
@@ -25,7 +28,7 @@ from app.core.config import Settings
 from app.models import ModelVersion, Project, Run
 from app.services import promotion, runs
 from app.services.errors import ServiceError
-from app.services.projects import project_settings
+from app.services.projects import LOOP_ALGORITHMS, project_settings
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +72,27 @@ def after_reward_run(
     *,
     settings: Settings,
 ) -> Run | None:
-    """After a reward run: in auto mode, start PPO against the new reward model when it is
-    active and its validation accuracy reached the project's minimum. Returns the PPO run."""
+    """After a reward run: in auto mode, start the project's `loop_algorithm` run against the
+    new reward model when it is active and its validation accuracy reached the project's
+    minimum. Returns that run."""
     ps = project_settings(project)
     accuracy = (version.metrics or {}).get("best_val_accuracy")
     if not ps.auto_mode:
         return None
+    kind, fixed = LOOP_ALGORITHMS[ps.loop_algorithm]
     if version.status != "active":
-        log(f"closed loop: reward model v{version.version} is not active; no PPO run")
+        log(f"closed loop: reward model v{version.version} is not active; no {kind} run")
         return None
     if accuracy is None or float(accuracy) < ps.min_reward_accuracy:
         log(
             f"closed loop: validation accuracy {accuracy} is below the project minimum"
-            f" {ps.min_reward_accuracy:g} (or was not measured); no PPO run"
+            f" {ps.min_reward_accuracy:g} (or was not measured); no {kind} run"
         )
         return None
-    config = {**ps.loop_ppo_config, "reward_model_id": version.id}
+    loop_config = getattr(ps, f"loop_{kind}_config")
+    config = {**loop_config, **fixed, "reward_model_id": version.id}
     return _queue(
-        session, project, "ppo", config, settings=settings, parent_run_id=run_id, log=log,
+        session, project, kind, config, settings=settings, parent_run_id=run_id, log=log,
         idle_only=True,
     )  # fmt: skip
 
@@ -101,8 +107,9 @@ def after_policy_run(
     *,
     settings: Settings,
 ) -> Run | None:
-    """After a PPO or DPO run: queue the evaluation of its candidate (every candidate is
-    evaluated, whatever the mode; promotion is what auto mode decides). Returns that run."""
+    """After a policy run (PPO, RLOO, GRPO, DPO): queue the evaluation of its candidate (every
+    candidate is evaluated, whatever the mode; promotion is what auto mode decides). Returns
+    that run."""
     existing = session.scalar(
         select(Run).where(Run.parent_run_id == run_id, Run.kind == "evaluate").limit(1)
     )

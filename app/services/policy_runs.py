@@ -1,8 +1,9 @@
-"""Policy runs, request-time half: checking `ppo` and `dpo` configs, and the candidate version a
-run trains into.
+"""Policy runs, request-time half: checking `ppo`, `rloo`, `grpo` and `dpo` configs, and the
+candidate version a run trains into.
 
     active policy (start and parent) ─┐
     reward model (reward, value init) ┼─► app.jobs.ppo ──► policy v(n+1), candidate
+                                      │   (app.jobs.critic_free: rloo, grpo)
     training prompts (held-out kept) ─┘                          │
     judgment snapshot ─► preference pairs ─► app.jobs.dpo ───────┤
                                                                  ▼
@@ -10,17 +11,18 @@ run trains into.
 
 A candidate is a plain Hugging Face causal LM under `registry.artifact_dir`, with its lineage on
 the version row: parent, run, snapshot (the reward model's, for PPO; the run's own, for DPO),
-reward model and metrics. Both kinds are resumable: the run finds its version again by run id.
+reward model and metrics. Every policy kind is resumable: the run finds its version again by run id.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.kinds.critic_free import GRPORunConfig, RLOORunConfig
 from app.kinds.dpo import DPORunConfig
 from app.kinds.ppo import PPORunConfig
 from app.models import ModelVersion, Project
@@ -67,10 +69,13 @@ def active_reward_version(session: Session, project: Project) -> ModelVersion | 
     )
 
 
-def validate_ppo_config(session: Session, project: Project, config: PPORunConfig) -> PPORunConfig:
-    """Resolve a `ppo` run's reward model now, so the run records which one it trains against
-    even when a newer one becomes active before it starts; an unset `max_new_tokens` takes the
-    project's (at most `MAX_PPO_NEW_TOKENS`)."""
+RLRunConfig = TypeVar("RLRunConfig", PPORunConfig, RLOORunConfig, GRPORunConfig)
+
+
+def validate_rl_config(session: Session, project: Project, config: RLRunConfig) -> RLRunConfig:
+    """Resolve a `ppo`, `rloo` or `grpo` run's reward model now, so the run records which one it
+    trains against even when a newer one becomes active before it starts; an unset
+    `max_new_tokens` takes the project's (at most `MAX_PPO_NEW_TOKENS`)."""
     reward = reward_version(session, project, config.reward_model_id)
     update: dict[str, Any] = {"reward_model_id": reward.id}
     if "max_new_tokens" not in config.model_fields_set:
@@ -80,11 +85,38 @@ def validate_ppo_config(session: Session, project: Project, config: PPORunConfig
 
 
 def validate_dpo_config(session: Session, project: Project, config: DPORunConfig) -> DPORunConfig:
-    """Check that a `dpo` run's snapshot and reward model belong to the project."""
+    """Check that a `dpo` run's snapshot and reward model belong to the project.
+
+    With policy pairs (`pair_source` "policy" or "mixed") the reward model that ranks them is
+    resolved now, as for PPO (422 when the project has none), and unset sampling knobs take the
+    project's temperature and `max_new_tokens` (at most `MAX_PPO_NEW_TOKENS`): the run records
+    what it samples with."""
     snapshots.check_run_snapshot(session, project, config.snapshot_id)
-    if config.reward_model_id is not None:
-        reward_version(session, project, config.reward_model_id)
-    return config
+    if config.pair_source == "human":
+        if config.reward_model_id is not None:
+            reward_version(session, project, config.reward_model_id)
+        return config
+    try:
+        reward = reward_version(session, project, config.reward_model_id)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"pair_source {config.pair_source!r} ranks the policy's own answers with a reward"
+            f" model: {exc.message}; or use pair_source 'human'",
+            exc.errors,
+        ) from exc
+    ps = project_settings(project)
+    update: dict[str, Any] = {"reward_model_id": reward.id}
+    if config.temperature is None:
+        if not ps.temperature > 0:
+            raise InvalidInput(
+                "policy pairs need sampled answers, but the project's temperature is 0 (greedy:"
+                " every answer alike); set config.temperature",
+                [FieldError(None, "config.temperature", "must be > 0 for policy pairs")],
+            )
+        update["temperature"] = ps.temperature
+    if config.max_new_tokens is None:
+        update["max_new_tokens"] = min(ps.max_new_tokens, MAX_PPO_NEW_TOKENS)
+    return config.model_copy(update=update)
 
 
 def candidate_for_run(

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.kinds.generate import SamplingConfig
+from app.kinds.generate import BestOfKnobs, SamplingConfig
 from app.kinds.knobs import same_knob
+from app.kinds.pairs import PairRule
 from app.kinds.registry import RUN_KINDS
 from app.models import Project
 from app.services import audit
 from app.services.errors import Conflict, FieldError, InvalidInput, NotFound
 
+# The closed loop's algorithms (`loop_algorithm`): the run kind each queues after a reward run,
+# and what that run's config always holds (app.services.loop.after_reward_run).
+LoopAlgorithm = Literal["ppo", "rloo", "grpo", "dpo-online"]
+LOOP_ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ppo": ("ppo", {}),
+    "rloo": ("rloo", {}),
+    "grpo": ("grpo", {}),
+    "dpo-online": ("dpo", {"pair_source": "policy"}),
+}
+DEFAULT_LOOP_ALGORITHM: LoopAlgorithm = "ppo"
 # The run kind each loop config is the config of.
 LOOP_KINDS = {
     "loop_reward_config": "reward",
     "loop_ppo_config": "ppo",
+    "loop_rloo_config": "rloo",
+    "loop_grpo_config": "grpo",
+    "loop_dpo_config": "dpo",
     "loop_evaluate_config": "evaluate",
     "loop_generation_config": "generate",
 }
@@ -45,6 +59,8 @@ class ProjectSettings(BaseModel):
     temperature: float = same_knob(SamplingConfig, "temperature")
     top_p: float = same_knob(SamplingConfig, "top_p")
     max_new_tokens: int = same_knob(SamplingConfig, "max_new_tokens")
+    best_of_k: int = same_knob(BestOfKnobs, "best_of_k")
+    pair_selection: PairRule = same_knob(BestOfKnobs, "pair_selection")
     auto_generate: bool = Field(True, description="queue a generation run after an upload")
     version_eval_rate: float = Field(
         0.25, ge=0.0, le=1.0, description="share of new-vs-previous policy pairs when generating"
@@ -66,6 +82,11 @@ class ProjectSettings(BaseModel):
     promote_max_kl: float = Field(
         10.0, ge=0.0, description="promotion rule: the candidate's KL to its parent, at most"
     )
+    promote_require_lower_bound: bool = Field(
+        True,
+        description="promotion rule: the lower end of the score gain's interval (not the point"
+        " gain) must reach promote_min_score_gain, so a gain that may be luck does not promote",
+    )
     heldout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="share of prompts reserved for policy evaluation"
     )
@@ -73,8 +94,24 @@ class ProjectSettings(BaseModel):
     loop_reward_config: dict[str, Any] = Field(
         default_factory=dict, description="config of the reward runs started automatically"
     )
+    loop_algorithm: LoopAlgorithm = Field(
+        DEFAULT_LOOP_ALGORITHM,
+        description="how the closed loop trains the policy after a reward run: 'ppo', 'rloo',"
+        " 'grpo' (against the reward model), or 'dpo-online' (DPO on the policy's own answers"
+        " ranked by the reward model); each with its loop_<kind>_config",
+    )
     loop_ppo_config: dict[str, Any] = Field(
         default_factory=dict, description="config of the PPO runs the closed loop starts"
+    )
+    loop_rloo_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the RLOO runs the closed loop starts"
+    )
+    loop_grpo_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the GRPO runs the closed loop starts"
+    )
+    loop_dpo_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config of the DPO runs the closed loop starts with 'dpo-online'",
     )
     loop_evaluate_config: dict[str, Any] = Field(
         default_factory=dict, description="config of the evaluation runs after a policy run"
@@ -83,9 +120,7 @@ class ProjectSettings(BaseModel):
         default_factory=dict, description="config of the generation run after a promotion"
     )
 
-    @field_validator(
-        "loop_reward_config", "loop_ppo_config", "loop_evaluate_config", "loop_generation_config"
-    )
+    @field_validator(*LOOP_KINDS)
     @classmethod
     def _knobs_of_the_kind(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Each value is checked against its knob's definition now, not when the loop first

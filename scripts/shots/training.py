@@ -90,7 +90,7 @@ def seed(session: Any, ids: dict[str, Any]) -> None:
             "best_val_accuracy_pairs": 3, "best_val_accuracy_ci95": [0.2877, 0.9754],
             "train_seconds": 583.2,
         },
-        "ppo_run_id": ppo.id,
+        "policy_run_id": ppo.id,
     }  # fmt: skip
 
 

@@ -119,7 +119,7 @@ def test_judgments_to_a_promoted_policy_that_writes_the_next_round(live: Stack) 
             client, wait_for(lambda: runs_of(client, "reward"), 60, "a reward run")[0]["id"]
         )
         assert reward_run["trigger"] == "auto"
-        ppo_id = reward_run["result"]["ppo_run_id"]
+        ppo_id = reward_run["result"]["policy_run_id"]
         assert ppo_id is not None, reward_run["log_tail"]
         beat.stop()  # the next round's judgments below must not start another round
         ppo = finished(client, ppo_id)
@@ -140,6 +140,10 @@ def test_judgments_to_a_promoted_policy_that_writes_the_next_round(live: Stack) 
         assert model["snapshot_id"] == reward_run["result"]["snapshot_id"]
         assert {"score_gain", "kl_to_parent", "evaluation", "train"} <= set(model["metrics"])
         assert model["metrics"]["promotion_rule"]["passed"] is True
+        low, high = model["metrics"]["score_gain_interval"]  # on the 3 held-out prompts
+        assert low <= model["metrics"]["score_gain"] <= high
+        assert model["metrics"]["evaluation"]["confidence"] == 0.95
+        assert "interval" in model["metrics"]["promotion_rule"]["reason"]
         models = client.get(f"/api/v1/projects/{slug}/models?kind=policy", headers=admin_h).json()
         assert [(m["version"], m["status"]) for m in models] == [(0, "archived"), (1, "active")]
 
