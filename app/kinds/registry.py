@@ -52,7 +52,8 @@ RUN_KINDS: dict[str, RunKind] = {
         RunKind(
             "generate",
             "Generation",
-            "the active policy answers prompts K times; the answers become comparison pairs",
+            "the active policy answers prompts K times; the answers become comparison pairs"
+            " (best-of-K: the reward model's top answer and a contrasting one)",
             GenerateRunConfig,
             handler="app.jobs.generate:run",
             validate="app.services.generation:validate_generate_config",

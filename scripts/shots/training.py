@@ -115,6 +115,10 @@ PAGES = [
         before=ppo_field_error,
     ),
     Shot(
+        "console-training-launch-rloo",
+        lambda ids: f"/admin/projects/{ids['slug']}/training/new/rloo",
+    ),
+    Shot(
         "console-training-run-running", lambda ids: f"/admin/runs/{ids['run']}", before=charts_drawn
     ),
     Shot(

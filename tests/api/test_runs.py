@@ -52,7 +52,7 @@ def test_unknown_and_internal_kinds_are_a_422_naming_the_launchable_ones(
     )
     assert unknown.status_code == 422
     assert unknown.json()["detail"] == (
-        "unknown run kind 'train'; use one of generate, reward, ppo, dpo, evaluate"
+        "unknown run kind 'train'; use one of generate, reward, ppo, rloo, grpo, dpo, evaluate"
     )
     # `score` and `sample` runs are started by the calls they serve, not launched.
     internal = client.post(

@@ -33,14 +33,14 @@ GROUPS: list[tuple[str, str, list[str]]] = [
         "Generation",
         [
             "base_policy", "responses_per_prompt", "temperature", "top_p", "max_new_tokens",
-            "auto_generate", "version_eval_rate",
+            "auto_generate", "version_eval_rate", "best_of_k", "pair_selection",
         ],
     ),
     (
         "loop",
         "Closed loop and promotion",
         [
-            "auto_mode", "reward_retrain_threshold", "min_reward_accuracy",
+            "auto_mode", "loop_algorithm", "reward_retrain_threshold", "min_reward_accuracy",
             "promote_min_score_gain", "promote_max_kl", "promote_require_lower_bound",
             "heldout_fraction", "heldout_seed",
         ],
