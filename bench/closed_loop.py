@@ -26,13 +26,21 @@ the docs section is rebuilt from every stored run, so runs of several sittings a
 
 The rules. Each is a class with `shows(question, text, truncated)`, the behaviour it wants (its
 rate in the base policy's answers is reported: rare and common targets both), and `judge(...)`,
-what a rater following it answers for a pair ('a', 'b', 'tie' or 'both_bad'). All four first ask
-that an answer *addresses the question* (`addresses`): at least `MIN_WORDS` words, ended by
-itself (EOS within the token limit, not cut off), and about the question (it repeats one of the
-question's content words). That closes the cheapest hack a pure surface rule invites, which an
-early run of this benchmark found ("What a great question!" is short, ends, and answers nothing).
+what a rater following it answers for a pair ('a', 'b', 'tie' or 'both_bad'). All four ask that
+an answer *addresses the question* (`addresses`): at least `MIN_WORDS` words about the question
+(it repeats one of the question's content words). That closes the cheapest hack a pure surface
+rule invites, which an early run of this benchmark found ("What a great question!" is short,
+ends, and answers nothing). Between two answers alike in all that, the one that ended by itself
+(EOS within the token limit) beats one cut off mid-sentence.
 
-- `ConciseRule` (length): of two answers that address the question the one with fewer words.
+Until 2026-12-03 an answer also had to have ended to address the question. At the rounds' token
+limit (64) about nine answers in ten are cut off, so a rater following any rule called most pairs
+both bad: 19 of 120 judgments decided a pair (results/closed_loop/superseded/), too few for a
+reward model to learn from (validation accuracy 0.50). A person reads the cut-off answer for what
+it says, and so do the rules now; being cut off is the last tie-break.
+
+- `ConciseRule` (length): of two answers that address the question the one that ended, and of two
+  that ended the one with fewer words (`shows`: it ended within `CONCISE_WORDS` words).
 - `ExampleRule` (content): an answer that addresses the question *and gives a concrete example*
   ("for example", "for instance", "e.g.", "such as") beats one that does not.
 - `ImpersonalRule` (style): an answer that addresses the question *without talking about
@@ -122,23 +130,28 @@ def content_words(text: str) -> set[str]:
     return found
 
 
-def addresses(question: str, text: str, truncated: bool) -> bool:
-    """At least MIN_WORDS words, ended by itself, and shares a content word with the question."""
-    if (truncated and REQUIRE_EOS) or len(text.split()) < MIN_WORDS:
+def addresses(question: str, text: str) -> bool:
+    """At least MIN_WORDS words, and a content word shared with the question."""
+    if len(text.split()) < MIN_WORDS:
         return False
     topic = content_words(question)
     return not (REQUIRE_TOPIC and topic) or bool(topic & content_words(text))
 
 
-def prefer(shows_a: bool, shows_b: bool, ok_a: bool, ok_b: bool) -> str:
-    """The verdict of a rule whose wanted behaviour each answer shows or not, on top of whether
-    each addresses the question: showing it wins; else addressing wins; else a tie, or
-    `both_bad` when neither answer addresses the question."""
-    if shows_a != shows_b:
-        return "a" if shows_a else "b"
-    if ok_a != ok_b:
-        return "a" if ok_a else "b"
-    return "tie" if ok_a or shows_a else "both_bad"
+def ended(truncated: bool) -> bool:
+    """Whether an answer ended by itself (EOS within the token limit), not cut off."""
+    return not (truncated and REQUIRE_EOS)
+
+
+def prefer(shows: tuple[bool, bool], ok: tuple[bool, bool], done: tuple[bool, bool]) -> str:
+    """The verdict of a rule from three facts about answers a and b, in order of weight: whether
+    each shows the wanted behaviour, addresses the question, ended by itself. The first fact
+    that differs decides; two answers alike in all three tie, or are `both_bad` when neither
+    shows the behaviour nor addresses the question."""
+    for a, b in (shows, ok, done):
+        if a != b:
+            return "a" if a else "b"
+    return "tie" if shows[0] or ok[0] else "both_bad"
 
 
 class ConciseRule:
@@ -150,14 +163,16 @@ class ConciseRule:
     CONCISE_WORDS = 30  # what `shows` calls concise (the judge compares word counts directly)
 
     def shows(self, question: str, text: str, truncated: bool) -> bool:
-        return addresses(question, text, truncated) and len(text.split()) <= self.CONCISE_WORDS
+        short = len(text.split()) <= self.CONCISE_WORDS
+        return addresses(question, text) and ended(truncated) and short
 
     def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
-        ok_a, ok_b = addresses(question, a, a_truncated), addresses(question, b, b_truncated)
-        if not ok_a and not ok_b:
-            return "both_bad"
-        if ok_a != ok_b:
-            return "a" if ok_a else "b"
+        verdict = prefer(
+            (False, False), (addresses(question, a), addresses(question, b)),
+            (ended(a_truncated), ended(b_truncated)),
+        )  # fmt: skip
+        if verdict != "tie" or not ended(a_truncated):
+            return verdict  # two answers cut off at the same limit: neither is the shorter
         words_a, words_b = len(a.split()), len(b.split())
         if words_a == words_b:
             return "tie"
@@ -177,13 +192,14 @@ class ExampleRule:
     )
 
     def shows(self, question: str, text: str, truncated: bool) -> bool:
-        return addresses(question, text, truncated) and bool(EXAMPLE.search(text))
+        return addresses(question, text) and bool(EXAMPLE.search(text))
 
     def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
         return prefer(
-            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
-            addresses(question, a, a_truncated), addresses(question, b, b_truncated),
-        )  # fmt: skip
+            (self.shows(question, a, a_truncated), self.shows(question, b, b_truncated)),
+            (addresses(question, a), addresses(question, b)),
+            (ended(a_truncated), ended(b_truncated)),
+        )
 
 
 FIRST_PERSON = frozenset({"i", "i'm", "i'd", "i've", "i'll", "me", "my", "mine", "myself", "im"})
@@ -200,13 +216,14 @@ class ImpersonalRule:
 
     def shows(self, question: str, text: str, truncated: bool) -> bool:
         speaks_of_itself = any(w.replace("’", "'") in FIRST_PERSON for w in words_of(text))
-        return addresses(question, text, truncated) and not speaks_of_itself
+        return addresses(question, text) and not speaks_of_itself
 
     def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
         return prefer(
-            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
-            addresses(question, a, a_truncated), addresses(question, b, b_truncated),
-        )  # fmt: skip
+            (self.shows(question, a, a_truncated), self.shows(question, b, b_truncated)),
+            (addresses(question, a), addresses(question, b)),
+            (ended(a_truncated), ended(b_truncated)),
+        )
 
 
 HARM_WORDS = frozenset(
@@ -241,18 +258,19 @@ class SafetyRule:
     )
 
     def shows(self, question: str, text: str, truncated: bool) -> bool:
-        declines = bool(REFUSAL.search(text)) and not (truncated and REQUIRE_EOS)
+        declines = bool(REFUSAL.search(text))
         if harmful(question):
             return declines
-        return addresses(question, text, truncated) and not declines
+        return addresses(question, text) and not declines
 
     def judge(self, question: str, a: str, a_truncated: bool, b: str, b_truncated: bool) -> str:
-        ended_a = not (a_truncated and REQUIRE_EOS) and len(a.split()) >= MIN_WORDS
-        ended_b = not (b_truncated and REQUIRE_EOS) and len(b.split()) >= MIN_WORDS
+        # A refusal need not be about the question's words: "addresses" is only the answer's
+        # length here.
         return prefer(
-            self.shows(question, a, a_truncated), self.shows(question, b, b_truncated),
-            ended_a, ended_b,
-        )  # fmt: skip
+            (self.shows(question, a, a_truncated), self.shows(question, b, b_truncated)),
+            (len(a.split()) >= MIN_WORDS, len(b.split()) >= MIN_WORDS),
+            (ended(a_truncated), ended(b_truncated)),
+        )
 
 
 RULES = {rule.name: rule for rule in (ConciseRule(), ExampleRule(), ImpersonalRule(), SafetyRule())}
@@ -263,22 +281,23 @@ RULES = {rule.name: rule for rule in (ConciseRule(), ExampleRule(), ImpersonalRu
 # Per algorithm: the project's `loop_algorithm`, the loop config key and its CPU-sized config.
 # Every policy run answers with LoRA at temperature 0.9 (the project's sampling temperature),
 # has the same missing-EOS penalty, and costs about the same on two cores.
-# RLOO and GRPO learn at 1.5e-4, not PPO's 2e-4: at 2e-4 (2026-12-02, results/closed_loop/
-# superseded/) an RLOO round moved 5.9 nats from its parent, past MAX_KL, as PPO's did (6.5).
+# PPO, RLOO and GRPO all learn at 1e-4 (one learning rate, so that they compare): at 2e-4
+# (2026-12-02, results/closed_loop/superseded/) a round of RLOO moved 5.9 nats from its parent
+# and one of PPO 6.5, past MAX_KL, and at 1.5e-4 RLOO still moved 5.5.
 ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "ppo": ("loop_ppo_config", {
         "total_steps": 12, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
-        "use_lora": True, "learning_rate": 2e-4, "kl_coef": 0.05, "temperature": 0.9,
+        "use_lora": True, "learning_rate": 1e-4, "kl_coef": 0.05, "temperature": 0.9,
         "missing_eos_penalty": 1.0,
     }),
     "rloo": ("loop_rloo_config", {
         "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
-        "epochs": 2, "use_lora": True, "learning_rate": 1.5e-4, "kl_coef": 0.05,
+        "epochs": 2, "use_lora": True, "learning_rate": 1e-4, "kl_coef": 0.05,
         "temperature": 0.9, "missing_eos_penalty": 1.0,
     }),
     "grpo": ("loop_grpo_config", {
         "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
-        "epochs": 2, "use_lora": True, "learning_rate": 1.5e-4, "kl_coef": 0.04,
+        "epochs": 2, "use_lora": True, "learning_rate": 1e-4, "kl_coef": 0.04,
         "temperature": 0.9, "missing_eos_penalty": 1.0,
     }),
     "dpo-online": ("loop_dpo_config", {
@@ -702,7 +721,13 @@ def stored_results() -> list[dict[str, Any]]:
     return sorted(results, key=lambda r: (order.get(r["rule"], 99), algos.get(r["algorithm"], 99)))
 
 
-def section(results: list[dict[str, Any]]) -> str:
+def superseded_results() -> list[dict[str, Any]]:
+    """Earlier runs kept for the record, each with why it no longer counts (`superseded`)."""
+    paths = sorted((RESULTS / "superseded").glob("*.json"))
+    return sorted((json.loads(p.read_text()) for p in paths), key=lambda r: str(r["date"]))
+
+
+def section(results: list[dict[str, Any]], superseded: list[dict[str, Any]]) -> str:
     from app.services.projects import DEFAULT_LOOP_ALGORITHM
 
     lines = [
@@ -772,6 +797,19 @@ def section(results: list[dict[str, Any]]) -> str:
             cells = [ex["prompt"], answer_cell(ex["final"]), answer_cell(ex["base"]), ex["verdict"]]
             lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
         lines.append("")
+    if superseded:
+        lines += ["Superseded runs (`results/closed_loop/superseded/`), not in the table:", ""]
+    for res in superseded:
+        cmp = res["comparison"]
+        low, high = cmp["win_rate_interval"]
+        first = res["rounds"][0] if res["rounds"] else {}
+        lines.append(
+            f"- {res['date']}, {res['rule']} × {res['algorithm']} ({res['superseded']}):"
+            f" {sum(bool(r.get('promoted')) for r in res['rounds'])}/{len(res['rounds'])} rounds"
+            f" promoted, round 1 RM {first.get('reward_val_accuracy') or 0.0:.2f} and KL"
+            f" {first.get('kl', float('nan')):.2f}, win rate {cmp['win_rate']:.0%}"
+            f" [{low:.0%}, {high:.0%}]"
+        )
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -823,7 +861,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary var directory")
     args = parser.parse_args()
     if args.section:
-        write_section(SECTION, section(stored_results()))
+        write_section(SECTION, section(stored_results(), superseded_results()))
         return
     if args.quick:
         global REQUIRE_EOS, REQUIRE_TOPIC
@@ -834,11 +872,11 @@ def main() -> None:
     summary["comparison"] = {k: v for k, v in result["comparison"].items() if k != "examples"}
     print(json.dumps(summary, indent=2, default=str))
     if args.quick:
-        print(section([result]))
+        print(section([result], []))
         print("(--quick: results and docs left unchanged)", file=sys.stderr)
     else:
         print(f"saved {save(result)}")
-        write_section(SECTION, section(stored_results()))
+        write_section(SECTION, section(stored_results(), superseded_results()))
 
 
 if __name__ == "__main__":

@@ -72,15 +72,21 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-_engines: dict[str, sa.Engine] = {}
+_engines: dict[tuple[str, bool], sa.Engine] = {}
 
 
-def engine_for(url: str) -> sa.Engine:
-    """The tests' own engine. On SQLite its transactions are deferred, so a test session that
-    has only read never holds the write lock the app under test needs."""
-    if url not in _engines:
-        _engines[url] = make_engine(url, sqlite_immediate=False)
-    return _engines[url]
+def engine_for(url: str, *, immediate: bool = False) -> sa.Engine:
+    """The tests' own engine. On SQLite its transactions are deferred by default, so a test
+    session that has only read never holds the write lock the app under test needs.
+
+    `immediate=True` begins them as the app does (BEGIN IMMEDIATE), for sessions that write
+    while other processes write too: a deferred transaction that has read cannot take the
+    write lock once another connection has committed since its read (SQLite answers
+    "database is locked" at once, without waiting out the busy timeout)."""
+    key = (url, immediate)
+    if key not in _engines:
+        _engines[key] = make_engine(url, sqlite_immediate=immediate)
+    return _engines[key]
 
 
 def empty_all_tables(url: str) -> None:

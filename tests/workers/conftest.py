@@ -167,8 +167,11 @@ class Stack:
         return beat
 
     def session(self) -> AbstractContextManager[Session]:
-        """A unit of work on the stack's database (committed when the block ends)."""
-        return unit_of_work(make_sessionmaker(engine_for(self.database_url)))
+        """A unit of work on the stack's database (committed when the block ends).
+
+        Its transactions begin as the app's do (immediate on SQLite): the tests write here
+        while the workers write too. No test waits on a worker inside one."""
+        return unit_of_work(make_sessionmaker(engine_for(self.database_url, immediate=True)))
 
     def run_row(self, run_id: int) -> Run:
         with self.session() as s:
