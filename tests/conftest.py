@@ -244,3 +244,27 @@ def run_verdict(
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# --- where the suite's time goes -----------------------------------------------------------------
+
+_seconds_by_file: dict[str, float] = {}
+SLOWEST_FILES = 15
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _seconds_by_file[path] = _seconds_by_file.get(path, 0.0) + report.duration
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The test files that took longest (setup, call and teardown summed), last in the report
+    so that a log's tail shows them: what to look at when the suite grows slow."""
+    if not _seconds_by_file:
+        return
+    total = sum(_seconds_by_file.values())
+    terminalreporter.write_sep("=", f"slowest {SLOWEST_FILES} test files of {total:.0f}s")
+    ranked = sorted(_seconds_by_file.items(), key=lambda kv: -kv[1])[:SLOWEST_FILES]
+    for path, seconds in ranked:
+        terminalreporter.write_line(f"{seconds:8.1f}s {seconds / total:6.1%}  {path}")

@@ -33,7 +33,8 @@ class PPOKnobs(Knobs):
     )
     learning_rate: float | None = knob(
         None,
-        "AdamW learning rate for policy and value parameters; unset: 3e-6, or 1e-4 with LoRA.",
+        "AdamW learning rate of the trained parameters (and PPO's value head); unset: 3e-6, or"
+        " 1e-4 with LoRA.",
         gt=0.0,
         le=1.0,
     )
