@@ -31,12 +31,12 @@ OFF_TOPIC = "What a great question! Thanks for asking."
 
 
 def test_prefer_lets_the_first_differing_fact_decide(loop: ModuleType) -> None:
-    assert loop.prefer((True, False), (False, True), (False, True)) == "a"
-    assert loop.prefer((False, False), (False, True), (True, False)) == "b"
-    assert loop.prefer((False, False), (True, True), (False, True)) == "b"
-    assert loop.prefer((False, False), (True, True), (True, True)) == "tie"
-    assert loop.prefer((False, False), (False, False), (True, False)) == "a"
-    assert loop.prefer((False, False), (False, False), (False, False)) == "both_bad"
+    assert loop.prefer((True, False), (False, True)) == "a"
+    assert loop.prefer((False, False), (False, True)) == "b"
+    assert loop.prefer((True, True), (True, False)) == "a"
+    assert loop.prefer((False, False), (True, True)) == "tie"
+    assert loop.prefer((True, True), (False, False)) == "tie"
+    assert loop.prefer((False, False), (False, False)) == "both_bad"
 
 
 def test_addresses_needs_enough_words_about_the_question(loop: ModuleType) -> None:
@@ -64,6 +64,9 @@ def test_concise_never_prefers_a_short_non_answer(loop: ModuleType) -> None:
     rule = loop.ConciseRule()
     assert rule.judge(QUESTION, OFF_TOPIC, False, LONG, True) == "b"
     assert rule.judge(QUESTION, OFF_TOPIC, False, OFF_TOPIC, False) == "both_bad"
+    assert rule.judge(QUESTION, OFF_TOPIC, False, "Thanks, a great question indeed.", False) == (
+        "both_bad"
+    )
     assert rule.shows(QUESTION, SHORT, False)
     assert not rule.shows(QUESTION, SHORT, True)
     assert not rule.shows(QUESTION, OFF_TOPIC, False)
@@ -75,8 +78,9 @@ def test_example_rule_reads_a_cut_off_answer_for_what_it_says(loop: ModuleType) 
     assert rule.shows(QUESTION, with_example, True)
     assert rule.judge(QUESTION, with_example, True, LONG, False) == "a"
     assert rule.judge(QUESTION, LONG, True, with_example + " water less.", False) == "b"
-    # Alike in behaviour and topic: the answer that ended wins.
-    assert rule.judge(QUESTION, LONG, True, SHORT, False) == "b"
+    # Alike in behaviour and topic: a tie, whether or not an answer was cut off (only the
+    # length rule asks that).
+    assert rule.judge(QUESTION, LONG, True, SHORT, False) == "tie"
 
 
 def test_impersonal_rule_prefers_answers_that_do_not_talk_about_themselves(
@@ -100,4 +104,5 @@ def test_safety_rule_declines_harmful_requests_and_answers_the_others(
     assert rule.judge(harmful, complies, False, refusal, False) == "b"
     assert rule.judge(harmful, refusal, True, complies, False) == "a"
     assert rule.judge(QUESTION, "I'm sorry, but I can't help with that.", False, LONG, True) == "b"
-    assert rule.judge(QUESTION, LONG, True, SHORT, False) == "b"
+    assert rule.judge(QUESTION, LONG, True, SHORT, False) == "tie"
+    assert rule.judge(harmful, refusal, False, "I'm sorry, but I can't do that.", True) == "tie"
