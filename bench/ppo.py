@@ -565,6 +565,8 @@ def target_line(results: list[dict], s: dict[str, Any]) -> str:
 # ---- learning efficiency (`--learning`) ------------------------------------------------------
 
 LEARN_WORK = WORK / "learning"
+# Below this validation accuracy the section says the reward model is near chance.
+USEFUL_RM_ACCURACY = 0.6
 LEARN_FULL = {
     "rm_pairs": 256, "rm_val_pairs": 64, "rm_max_length": 384, "rm_layers": 4,
     "train_prompts": 64, "eval_prompts": 32, "eval_answers": 2, "responses": 128,
@@ -1125,9 +1127,13 @@ def learning_markdown(saved: dict[str, Any], s: dict[str, Any], args: argparse.N
             lines.append(f"- {r['impl']} run {r['round'] + 1} failed: `{r['error'][-300:]!r}`")
     lines.append("")
     pairs_done = sum(1 for p in by_round.values() if {"ours", "trl"} <= set(p))
+    # A gain counts as learned when it is at least twice its standard error.
+    clear = [r for r in runs if "error" not in r and gain_of(r, base)[0] > 2 * gain_of(r, base)[1]]
     target = "Target (gain per CPU-second at least 2x TRL 1.12's PPO): "
     if args.quick:
         lines.append(target + "not judged: `--quick` is a smoke run of the script.")
+    elif not clear:
+        lines.append(target + "**not judged**: no gain is clear of its noise (see below).")
     elif not ratios:
         lines.append(target + "no pair gave a meaningful ratio; not judged.")
     else:
@@ -1141,6 +1147,25 @@ def learning_markdown(saved: dict[str, Any], s: dict[str, Any], args: argparse.N
             target + f"median {median:.2f}x over {len(ratios)} pair(s){caveat}:"
             f" **{'met' if median >= 2.0 and len(ratios) == pairs_done else 'not met'}**."
         )
+    cpu = [
+        pair["trl"]["train_cpu_s"] / pair["ours"]["train_cpu_s"]
+        for pair in by_round.values()
+        if {"ours", "trl"} <= set(pair)
+    ]
+    if not clear and cpu and not args.quick:
+        weak = (
+            f"; the reward model scores {rm['val_accuracy']:.3f} on its validation pairs, near"
+            " chance, so there is little for either to learn"
+            if rm["val_accuracy"] < USEFUL_RM_ACCURACY
+            else ""
+        )
+        lines += [
+            "",
+            "No gain above is at least twice its standard error" + weak + ": the ratios compare"
+            " noise. What the run does measure is the cost of a sample: TRL's training took"
+            f" {', '.join(f'{x:.1f}x' for x in cpu)} our CPU time for the same"
+            f" {s['responses']} sampled responses (pair by pair).",
+        ]
     lines += [
         "",
         "Reading the figures: with a few hundred samples the gain is small against its standard"
