@@ -47,8 +47,17 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two passes: every test but the worker tests spread over TEST_WORKERS processes (pytest-xdist;
+# each process has its own PostgreSQL database, SQLite file and Redis database, and a module's
+# tests stay in one process), then the worker tests one at a time: each module starts its own
+# Celery workers, which time out when two modules' workers share two cores.
+TEST_WORKERS ?= 2
+
 test: install browser services lint
-	$(BIN)/pytest
+	@rc=0; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m "not worker" || rc=$$?; \
+	$(BIN)/pytest -m worker || rc=$$?; \
+	exit $$rc
 
 # The production compose stack without Docker: the commands of docker-compose.yml (read from it)
 # as local processes on this machine's PostgreSQL and Redis, through one closed loop of the API.
@@ -57,7 +66,7 @@ stack-smoke: install services
 
 # Everything but the browser, worker and real-SmolLM2 tests: a quick loop while coding.
 test-fast: install
-	$(BIN)/pytest -m "not browser and not worker and not smollm2 and not slow"
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m "not browser and not worker and not smollm2 and not slow"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
