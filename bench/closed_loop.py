@@ -321,6 +321,26 @@ QUICK = {  # the tiny random model: as few steps as exercise every part
 }  # fmt: skip
 
 
+# The reward runs' training settings (`--reward-setting`), compared on each rule by
+# bench/rule_reward.py on far more validation pairs than a round of this bench has.
+REWARD_COMMON: dict[str, Any] = {"batch_size": 8, "max_length": 256, "val_fraction": 0.2}
+REWARD_SETTINGS: dict[str, dict[str, Any]] = {
+    "last4": {"train_mode": "last_n", "last_n_layers": 4, "epochs": 2, "learning_rate": 1e-4},
+    "last4-lr3e-4-ep4": {
+        "train_mode": "last_n", "last_n_layers": 4, "epochs": 4, "learning_rate": 3e-4,
+    },
+    "last8-ep4": {"train_mode": "last_n", "last_n_layers": 8, "epochs": 4, "learning_rate": 1e-4},
+    "full-ep3": {"train_mode": "full", "epochs": 3, "learning_rate": 2e-5},
+    "lora-ep4": {"train_mode": "lora", "epochs": 4, "learning_rate": 3e-4},
+    # Ties as soft labels (p = 0.5): a rule calls most pairs of one round alike.
+    "last4-lr3e-4-ep4-ties": {
+        "train_mode": "last_n", "last_n_layers": 4, "epochs": 4, "learning_rate": 3e-4,
+        "data": {"ties": "soft"},
+    },
+}  # fmt: skip
+REWARD_DEFAULT = "last4"
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -605,11 +625,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop_evaluate_config": {"batch_size": 16, "temperature": 0.9},
         "loop_generation_config": {"batch_size": 16},
     }  # fmt: skip
-    reward_config = {
-        "train_mode": "full" if args.quick else "last_n", "last_n_layers": 4, "epochs": 2,
-        "learning_rate": 1e-3 if args.quick else 1e-4, "batch_size": 8, "max_length": 256,
-        "val_fraction": 0.2,
-    }  # fmt: skip
+    reward_config = {**REWARD_COMMON, **REWARD_SETTINGS[args.reward_setting]}
+    if args.quick:
+        reward_config.update(train_mode="full", learning_rate=1e-3, epochs=2)
     worker = start_worker(env, var / "worker.log")
     total_start = time.monotonic()
     rounds: list[dict[str, Any]] = []
@@ -689,6 +707,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": total, "prompts": n_prompts, "heldout": len(held),
         "base_policy": "tiny random model" if args.quick else "SmolLM2-135M-Instruct",
         "config": algorithm_config, "best_of_k": args.best_of_k,
+        "reward_setting": args.reward_setting, "reward_config": reward_config,
         "max_new_tokens": args.max_new_tokens,
         "responses_per_prompt": args.responses_per_prompt,
         "final_max_new_tokens": args.final_max_new_tokens,
@@ -792,7 +811,13 @@ def section(results: list[dict[str, Any]], superseded: list[dict[str, Any]]) -> 
         cfg = ", ".join(f"{k} {v}" for k, v in res["config"].items())
         answers = res.get("responses_per_prompt", 2)
         title = f"**{res['rule']} × {res['algorithm']}**"
-        lines += [f"{title} ({answers} answers per prompt; {cfg}):", ""]
+        # Runs before 2026-12-04 trained their reward models as `last4` does.
+        reward = res.get("reward_setting", "last4")
+        lines += [
+            f"{title} ({answers} answers per prompt; reward runs `{reward}`"
+            f" ({', '.join(f'{k} {v}' for k, v in REWARD_SETTINGS[reward].items())}); {cfg}):",
+            "",
+        ]
         for r in res["rounds"]:
             interval = r.get("score_gain_interval") or [float("nan")] * 2
             accuracy = r.get("reward_val_accuracy") or 0.0
@@ -868,6 +893,10 @@ def main() -> None:
         help="the final comparison's limit: long enough for answers to end",
     )  # fmt: skip
     parser.add_argument("--best-of-k", type=int, default=0, help="the project's best_of_k")
+    parser.add_argument(
+        "--reward-setting", choices=list(REWARD_SETTINGS), default=REWARD_DEFAULT,
+        help="how the reward runs train (REWARD_SETTINGS; compared by bench/rule_reward.py)",
+    )  # fmt: skip
     parser.add_argument(
         "--min-reward-accuracy",
         type=float,

@@ -106,3 +106,49 @@ def test_safety_rule_declines_harmful_requests_and_answers_the_others(
     assert rule.judge(QUESTION, "I'm sorry, but I can't help with that.", False, LONG, True) == "b"
     assert rule.judge(QUESTION, LONG, True, SHORT, False) == "tie"
     assert rule.judge(harmful, refusal, False, "I'm sorry, but I can't do that.", True) == "tie"
+
+
+@pytest.fixture(scope="module")
+def rule_reward(loop: ModuleType) -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("rule_reward")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_rule_reward_labels_every_pair_of_a_prompt_as_the_raters_would(
+    rule_reward: ModuleType, loop: ModuleType
+) -> None:
+    example = f"{SHORT} For example, a snake plant needs water once a month."
+    answers = [
+        [[example, False], [SHORT, False], [OFF_TOPIC, False]],  # each beats the next
+        [[SHORT, False], [LONG, False], [SHORT, False]],  # three ties
+    ]
+    decided, ties, verdicts = rule_reward.labelled_pairs(
+        loop.RULES["example"], [QUESTION, QUESTION], answers
+    )
+    assert verdicts == {"a": 3, "b": 0, "tie": 3, "both_bad": 0}
+    assert [(e.chosen, e.rejected, e.label) for e in decided] == [
+        (example, SHORT, 1.0),
+        (example, OFF_TOPIC, 1.0),
+        (SHORT, OFF_TOPIC, 1.0),
+    ]
+    assert {e.label for e in ties} == {0.5} and {e.group for e in ties} == {"prompt:1"}
+    assert all(e.prompt == [{"role": "user", "content": QUESTION}] for e in decided + ties)
+
+
+def test_rule_reward_learning_curve_keeps_whole_prompts(rule_reward: ModuleType) -> None:
+    from app.kinds.data import PreferenceExample
+
+    examples = [
+        PreferenceExample(
+            [{"role": "user", "content": "q"}], f"c{i}", "r", group=f"prompt:{i // 3}"
+        )
+        for i in range(30)
+    ]
+    half = rule_reward.first_prompts(examples, 0.5)
+    groups = {e.group for e in half}
+    assert len(groups) == 5 and len(half) == 15  # every pair of a kept prompt, none of the rest
+    assert rule_reward.first_prompts(examples, 0.5) == half  # seeded
+    assert rule_reward.first_prompts(examples, 1.0) == examples
