@@ -87,6 +87,7 @@ from app.core.db import unit_of_work  # noqa: E402
 from app.core.migrate import upgrade_database  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.services import users  # noqa: E402
+from app.services.projects import DEFAULT_LOOP_RLOO_CONFIG  # noqa: E402
 
 SECTION = "## Closed loop over a family of rules"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -296,11 +297,8 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
         "use_lora": True, "learning_rate": 2e-4, "kl_coef": 0.05, "temperature": 0.9,
         "missing_eos_penalty": 1.0,
     }),
-    "rloo": ("loop_rloo_config", {
-        "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
-        "epochs": 2, "use_lora": True, "learning_rate": 1e-4, "kl_coef": 0.05,
-        "temperature": 0.9, "missing_eos_penalty": 1.0,
-    }),
+    # The project's default (DEFAULT_LOOP_RLOO_CONFIG, chosen from this bench's runs).
+    "rloo": ("loop_rloo_config", {**DEFAULT_LOOP_RLOO_CONFIG, "temperature": 0.9}),
     "grpo": ("loop_grpo_config", {
         "total_steps": 12, "batch_size": 4, "num_generations": 4, "mini_batch_size": 8,
         "epochs": 2, "use_lora": True, "learning_rate": 1e-4, "kl_coef": 0.04,

@@ -166,7 +166,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--section", action="store_true", help="only rewrite the docs section")
     args = parser.parse_args()
+    if args.section:
+        write_section(SECTION, section(json.loads(RESULTS.read_text())))
+        return
     if args.torch_threads:
         import torch
 
@@ -269,7 +273,8 @@ def section(result: dict[str, Any]) -> str:
         " trains on the same pairs with the `reward` run's trainer, evaluated once, at the end;"
         " a cell is validation accuracy [Wilson 95 %], training seconds. Common to all: "
         + ", ".join(f"`{k}` {v}" for k, v in result["common"].items())
-        + ".",
+        + ". "
+        + result.get("note", ""),
         "",
         "| setting | config | " + " | ".join(rules) + " |",
         "|---|---|" + "---|" * len(rules),

@@ -37,6 +37,7 @@ SETTINGS: dict[str, Any] = {
     "promote_max_kl": 1e9,
     "version_eval_rate": 1.0,
     "heldout_fraction": 0.25,
+    "loop_algorithm": "ppo",  # the loop with a value model; the others: test_critic_free_worker
     "loop_ppo_config": {
         "total_steps": 2,
         "batch_size": 4,
