@@ -241,6 +241,8 @@ def main() -> None:
     new = {row_key(r) for r in rows}
     kept = [r for r in stored["rows"] if row_key(r) not in new]
     result["rows"] = kept + rows
+    if "note" in stored:  # what is said of earlier invocations' rows
+        result["note"] = stored["note"]
     RESULTS.write_text(json.dumps(result, indent=1))
     write_section(SECTION, section(result))
 

@@ -20,6 +20,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_
 
 from app.core.config import Settings
 from app.core.db import make_sessionmaker
+from app.core.migrate import upgrade_database
 from app.main import create_app
 from tests.conftest import Factory, empty_all_tables, engine_for
 from tests.tiny_models import save_tiny_model
@@ -43,7 +44,12 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def live_server(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # Its own database, not the session's `sqlite_url`: the browser tests' worker (`live_worker`)
+    # writes its presence there for the rest of the session, and a test of another file that the
+    # same process runs later would see a worker that is not its own (`/readyz` answers 200).
+    sqlite_url = f"sqlite:///{tmp_path_factory.mktemp('live-db') / 'verdict.db'}"
+    upgrade_database(Settings(database_url=sqlite_url))
     var_dir = tmp_path_factory.mktemp("live-var")
     settings = Settings(
         database_url=sqlite_url, var_dir=var_dir, secret_key="browser-test-secret-" + "x" * 32
